@@ -1,0 +1,30 @@
+// Pre-norm layer, RMSNorm or LayerNorm by ModelConfig.norm. Header-only: it is
+// two lines of maths and every block owns two of them.
+#pragma once
+#include "core/error.h"
+#include "core/pch.h"
+#include "model/torch_compat.h"
+
+namespace moecpt::model {
+
+class NormImpl : public torch::nn::Module {
+ public:
+  NormImpl(const std::string& kind, int64_t d_model, double eps) : eps_(eps) {
+    if (kind != "rmsnorm" && kind != "layernorm") throw Error("model.norm: unknown norm '" + kind + "'");
+    weight_D = register_parameter("weight", torch::ones({d_model}));
+    // LayerNorm has a bias, RMSNorm does not (Llama): counts differ, see flops.cpp.
+    if (kind == "layernorm") bias_D = register_parameter("bias", torch::zeros({d_model}));
+  }
+  torch::Tensor forward(const torch::Tensor& x_BTD) {
+    if (!bias_D.defined()) return compat::rms_norm(x_BTD, weight_D, eps_);
+    return torch::layer_norm(x_BTD, {weight_D.size(0)}, weight_D, bias_D, eps_);
+  }
+
+  torch::Tensor weight_D, bias_D;
+
+ private:
+  double eps_;
+};
+TORCH_MODULE(Norm);
+
+}  // namespace moecpt::model

@@ -1,0 +1,59 @@
+#include "model/router_sinkhorn.h"
+
+#include "model/torch_compat.h"
+
+namespace moecpt::model {
+
+SinkhornResult sinkhorn_balance(const torch::Tensor& logits_TE, double tol, int64_t max_iters,
+                                double eps) {
+  torch::NoGradGuard no_grad;
+  compat::NoAutocast no_autocast;
+  const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
+  auto z_TE = logits_TE.detach().to(torch::promote_types(logits_TE.scalar_type(), torch::kFloat32));
+  auto C_TE = torch::exp(z_TE - std::get<0>(z_TE.max(-1, /*keepdim=*/true)));
+  auto d0_T = torch::ones({T}, C_TE.options());
+  auto d1_E = torch::ones({E}, C_TE.options());
+
+  SinkhornResult res;
+  while (res.iters < max_iters) {
+    d0_T = (1.0 / double(T)) / (torch::mv(C_TE, d1_E) + eps);
+    auto d1_new_E = (1.0 / double(E)) / (torch::mv(C_TE.t(), d0_T) + eps);
+    res.error = (d1_new_E - d1_E).abs().mean().item<double>();
+    d1_E = d1_new_E;
+    ++res.iters;
+    if (res.error < tol) break;
+  }
+  res.S_TE = d0_T.unsqueeze(1) * C_TE * d1_E.unsqueeze(0);
+  return res;
+}
+
+SinkhornRouter::SinkhornRouter(const RouterConfig& rc, const ModelConfig& mc)
+    : Router(mc.d_model, mc.n_experts, mc.top_k, mc.init_std, rc.renormalize),
+      tol_(rc.sinkhorn_tol),
+      max_iters_(rc.sinkhorn_max_iters) {}
+
+RoutingInfo SinkhornRouter::route(const torch::Tensor& x_TD) {
+  compat::NoAutocast no_autocast;
+  RoutingInfo r;
+  auto logits_TE = this->logits_TE(x_TD);
+  // With one expert a softmax gate would be a constant 1; sigmoid keeps a gradient.
+  auto gate_scores_TE = top_k_ == 1 ? torch::sigmoid(logits_TE) : torch::softmax(logits_TE, -1);
+
+  if (is_training()) {
+    auto balanced = sinkhorn_balance(logits_TE, tol_, max_iters_);
+    r.topk_ids_TK = std::get<1>(balanced.S_TE.topk(top_k_, -1));
+    r.sinkhorn_iters = balanced.iters;
+    r.sinkhorn_error = balanced.error;
+  } else {
+    torch::NoGradGuard no_grad;
+    r.topk_ids_TK = std::get<1>(logits_TE.topk(top_k_, -1));
+  }
+  r.gates_TK = gather_gates(gate_scores_TE, r.topk_ids_TK);
+  r.tokens_per_expert_E = count_tokens(r.topk_ids_TK);
+  r.scores_TE = torch::softmax(logits_TE.detach(), -1);
+  r.aux_loss = zero_scalar(logits_TE);
+  r.z_loss = zero_scalar(logits_TE);
+  return r;
+}
+
+}  // namespace moecpt::model

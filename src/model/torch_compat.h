@@ -1,0 +1,49 @@
+// The one place where LibTorch 1.13 (Debian) and 2.x (PyTorch wheels on GPU
+// machines) differ for us. Everything else calls these wrappers.
+#pragma once
+#include <torch/version.h>
+
+#include <cmath>
+
+#include "core/pch.h"
+
+#define MOECPT_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+namespace moecpt::compat {
+
+// Causal scaled-dot-product attention on q,k,v of shape [B,H,T,Dh].
+// 2.x: the fused kernel (flash / memory-efficient / math, chosen by PyTorch).
+// 1.13: the same maths spelled out (softmax(QKᵀ/√Dh + causal mask) V).
+inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tensor& k,
+                                      const torch::Tensor& v) {
+#if MOECPT_TORCH_AT_LEAST(2, 0)
+  return at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                          /*is_causal=*/true);
+#else
+  const int64_t T = q.size(-2);
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(q.size(-1))));
+  auto mask = torch::ones({T, T}, q.options().dtype(torch::kBool)).triu(1);
+  scores = scores.masked_fill(mask, -std::numeric_limits<float>::infinity());
+  return torch::matmul(torch::softmax(scores, -1), v);
+#endif
+}
+
+// RMSNorm: x / sqrt(mean(x²) + eps) * weight, computed in fp32 for stability.
+inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  auto xf = x.to(torch::kFloat32);
+  auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return (y * weight.to(torch::kFloat32)).to(x.scalar_type());
+}
+
+// RAII: ops inside run in the dtype of their inputs even under autocast (bf16).
+// The router uses it so its logits, softmax and top-k stay fp32 (SPEC §3).
+class NoAutocast {
+ public:
+  NoAutocast() : guard_(c10::autocast_dispatch_keyset) {}
+
+ private:
+  c10::impl::ExcludeDispatchKeyGuard guard_;
+};
+
+}  // namespace moecpt::compat

@@ -1,0 +1,95 @@
+#include "model/transformer.h"
+
+#include <cmath>
+
+#include "core/error.h"
+#include "model/flops.h"
+
+namespace moecpt::model {
+
+BlockImpl::BlockImpl(const ModelConfig& mc, const RouterConfig& rc, bool is_moe, double out_std) {
+  attn_norm = register_module("attn_norm", Norm(mc.norm, mc.d_model, mc.norm_eps));
+  attn = register_module("attn", Attention(mc.d_model, mc.n_heads, mc.init_std, out_std));
+  ffn_norm = register_module("ffn_norm", Norm(mc.norm, mc.d_model, mc.norm_eps));
+  if (is_moe) {
+    moe = register_module("moe", MoE(mc, rc, out_std));
+  } else {
+    mlp = register_module("mlp", GatedMLP(mc.d_model, mc.ffn_hidden, mc.activation, mc.init_std, out_std));
+  }
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x_BTD, const RotaryTables& rope,
+                                 std::vector<RoutingInfo>& routing) {
+  auto h_BTD = x_BTD + attn(attn_norm(x_BTD), rope);
+  auto normed_BTD = ffn_norm(h_BTD);
+  if (mlp) return h_BTD + mlp(normed_BTD);
+  auto moe_out = moe(normed_BTD);
+  routing.push_back(std::move(moe_out.routing));
+  return h_BTD + moe_out.y_BTD;
+}
+
+TransformerImpl::TransformerImpl(const ModelConfig& mc, const RouterConfig& rc) : mc_(mc) {
+  if (mc.ffn == "moe" && (mc.n_experts < 1 || mc.top_k > mc.n_experts)) {
+    throw Error("model: an MoE model needs 1 <= top_k <= n_experts");
+  }
+  const double out_std = mc.init_std / std::sqrt(2.0 * double(mc.n_layers));
+  tok_emb = register_module("tok_emb", torch::nn::Embedding(mc.vocab_size, mc.d_model));
+  {
+    torch::NoGradGuard no_grad;
+    tok_emb->weight.normal_(0.0, mc.init_std);
+  }
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  const auto moe_layers = model::moe_layer_indices(mc);
+  for (int64_t l = 0; l < mc.n_layers; ++l) {
+    const bool is_moe = std::find(moe_layers.begin(), moe_layers.end(), l) != moe_layers.end();
+    blocks_.push_back(Block(mc, rc, is_moe, out_std));
+    blocks->push_back(blocks_.back());
+  }
+  final_norm = register_module("norm", Norm(mc.norm, mc.d_model, mc.norm_eps));
+  if (!mc.tie_embeddings) {
+    head = register_module("head", torch::nn::Linear(torch::nn::LinearOptions(mc.d_model, mc.vocab_size).bias(false)));
+    torch::NoGradGuard no_grad;
+    head->weight.normal_(0.0, mc.init_std);
+  }
+}
+
+ModelOutput TransformerImpl::forward(const torch::Tensor& tokens_BT) {
+  const int64_t T = tokens_BT.size(1);
+  const auto rope = rotary_tables(T, mc_.d_model / mc_.n_heads, mc_.rope_theta, tokens_BT.device());
+
+  ModelOutput out;
+  auto x_BTD = tok_emb(tokens_BT);
+  for (auto& block : blocks_) x_BTD = block(x_BTD, rope, out.routing);
+  x_BTD = final_norm(x_BTD);
+  out.logits_BTV = head ? head(x_BTD) : torch::nn::functional::linear(x_BTD, tok_emb->weight);
+
+  auto zero = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(tokens_BT.device()));
+  out.aux_loss = zero;
+  out.z_loss = zero;
+  for (const auto& r : out.routing) {
+    out.aux_loss = out.aux_loss + r.aux_loss;
+    out.z_loss = out.z_loss + r.z_loss;
+  }
+  return out;
+}
+
+std::vector<int64_t> TransformerImpl::moe_layer_indices() const { return model::moe_layer_indices(mc_); }
+
+std::vector<std::shared_ptr<Router>> TransformerImpl::routers() const {
+  std::vector<std::shared_ptr<Router>> routers;
+  for (const auto& block : blocks_) {
+    if (block->moe) routers.push_back(block->moe->router);
+  }
+  return routers;
+}
+
+void TransformerImpl::update_router_biases(const std::vector<torch::Tensor>& tokens_per_expert_per_layer) {
+  auto rs = routers();
+  if (tokens_per_expert_per_layer.size() != rs.size()) {
+    throw Error("update_router_biases: got " + std::to_string(tokens_per_expert_per_layer.size()) +
+                " load vectors for " + std::to_string(rs.size()) + " MoE layers");
+  }
+  for (size_t i = 0; i < rs.size(); ++i) rs[i]->update_bias(tokens_per_expert_per_layer[i]);
+}
+
+}  // namespace moecpt::model
