@@ -1,0 +1,11 @@
+// Subcommand registration, one function per command group (one file each).
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace moecpt::cli {
+
+void register_config_commands(CLI::App& app);  // config show
+void register_data_commands(CLI::App& app);    // data tokenizer train | prepare | inspect
+void register_train_commands(CLI::App& app);   // train
+
+}  // namespace moecpt::cli
