@@ -67,7 +67,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
 
   // 2. Slot s = t·K + j holds token t's j-th choice; a stable sort groups by expert.
   auto ids_S = r.topk_ids_TK.reshape({-1});
-  auto order_S = std::get<1>(ids_S.sort(/*stable=*/true, /*dim=*/0));
+  auto order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
   auto token_idx_S = order_S.div(K, "floor");
   auto x_SD = x_TD.index_select(0, token_idx_S);
 

@@ -1,0 +1,281 @@
+// Model maths against independent reference computations and finite differences.
+#include <gtest/gtest.h>
+
+#include <ATen/autocast_mode.h>
+
+#include "model/attention.h"
+#include "model/flops.h"
+#include "model/moe.h"
+#include "model/router_bias.h"
+#include "model/transformer.h"
+
+using namespace moecpt;
+using namespace moecpt::model;
+
+namespace {
+
+ModelConfig tiny_config(const std::string& ffn) {
+  ModelConfig mc;
+  mc.vocab_size = 64;
+  mc.d_model = 16;
+  mc.n_layers = 2;
+  mc.n_heads = 2;
+  mc.seq_len = 12;
+  mc.ffn_hidden = 24;
+  mc.ffn = ffn;
+  if (ffn == "moe") {
+    mc.n_experts = 4;
+    mc.n_shared_experts = 1;
+    mc.top_k = 2;
+    mc.expert_hidden = 8;
+  }
+  return mc;
+}
+
+torch::Tensor act(const std::string& name, const torch::Tensor& x) {
+  return name == "geglu" ? torch::gelu(x) : torch::silu(x);
+}
+
+// Central finite differences of f at a few entries of p vs p's autograd gradient.
+void expect_grad_matches_fd(const std::function<torch::Tensor()>& f, torch::Tensor p,
+                            const std::vector<int64_t>& flat_idx, const std::string& what) {
+  if (p.grad().defined()) p.mutable_grad().zero_();
+  f().backward();
+  auto analytic = p.grad().reshape({-1}).clone();
+  torch::NoGradGuard no_grad;
+  auto flat = p.view({-1});
+  const double h = 1e-6;
+  for (int64_t i : flat_idx) {
+    const double orig = flat[i].item<double>();
+    flat[i].fill_(orig + h);
+    const double up = f().item<double>();
+    flat[i].fill_(orig - h);
+    const double down = f().item<double>();
+    flat[i].fill_(orig);
+    const double numeric = (up - down) / (2 * h);
+    EXPECT_NEAR(analytic[i].item<double>(), numeric, 1e-6 + 1e-5 * std::abs(numeric))
+        << what << " entry " << i;
+  }
+}
+
+}  // namespace
+
+struct MoECase {
+  int64_t E, k, S;
+  std::string activation;
+  bool renormalize;
+};
+
+class ModelMoEDropless : public ::testing::TestWithParam<MoECase> {};
+
+TEST_P(ModelMoEDropless, MatchesNaivePerTokenLoop) {
+  const auto c = GetParam();
+  auto mc = tiny_config("moe");
+  mc.n_experts = c.E;
+  mc.top_k = c.k;
+  mc.n_shared_experts = c.S;
+  mc.activation = c.activation;
+  RouterConfig rc;
+  rc.renormalize = c.renormalize;
+  torch::manual_seed(10 + c.E + c.k);
+  MoE moe(mc, rc, /*out_std=*/0.1);
+  const int64_t T = 24, D = mc.d_model;
+  auto x_TD = torch::randn({T, D});
+  {
+    // Make the last expert unreachable so an empty group is exercised.
+    torch::NoGradGuard no_grad;
+    x_TD.select(1, 0).abs_().add_(1.0);
+    moe->router->weight_ED[c.E - 1].zero_();
+    moe->router->weight_ED[c.E - 1][0] = -100.0;
+  }
+  auto out = moe(x_TD.view({2, T / 2, D}));
+  ASSERT_EQ(out.y_BTD.sizes(), (std::vector<int64_t>{2, T / 2, D}));
+  if (c.k < c.E) EXPECT_EQ(out.routing.tokens_per_expert_E[c.E - 1].item<int64_t>(), 0);
+  EXPECT_EQ(out.routing.tokens_per_expert_E.sum().item<int64_t>(), T * c.k);  // dropless
+
+  // Reference: route each token by hand and loop over its experts.
+  torch::NoGradGuard no_grad;
+  auto p_TE = torch::softmax(torch::matmul(x_TD, moe->router->weight_ED.t()), -1);
+  auto [top_p, top_i] = p_TE.topk(c.k, -1);
+  if (c.renormalize && c.k > 1) top_p = top_p / top_p.sum(-1, true);
+  const auto& ex = moe->experts;
+  auto y_ref = torch::zeros({T, D});
+  for (int64_t t = 0; t < T; ++t) {
+    auto x_D = x_TD[t];
+    for (int64_t j = 0; j < c.k; ++j) {
+      const int64_t e = top_i[t][j].item<int64_t>();
+      auto h = act(c.activation, torch::matmul(x_D, ex->w1_EDH[e])) * torch::matmul(x_D, ex->w3_EDH[e]);
+      y_ref[t] += top_p[t][j] * torch::matmul(h, ex->w2_EHD[e]);
+    }
+    if (c.S > 0) {
+      auto& sh = moe->shared;
+      auto h = act(c.activation, torch::mv(sh->w1->weight, x_D)) * torch::mv(sh->w3->weight, x_D);
+      y_ref[t] += torch::mv(sh->w2->weight, h);
+    }
+  }
+  EXPECT_TRUE(torch::allclose(out.y_BTD.view({T, D}), y_ref, 1e-4, 1e-5));
+}
+
+INSTANTIATE_TEST_SUITE_P(ModelMoE, ModelMoEDropless,
+                         ::testing::Values(MoECase{4, 1, 0, "geglu", false}, MoECase{4, 2, 1, "swiglu", false},
+                                           MoECase{8, 3, 2, "geglu", true}, MoECase{6, 6, 0, "swiglu", false}),
+                         [](const ::testing::TestParamInfo<MoECase>& info) {
+                           const auto& c = info.param;
+                           return "E" + std::to_string(c.E) + "k" + std::to_string(c.k) + "S" +
+                                  std::to_string(c.S) + "_" + c.activation + (c.renormalize ? "_renorm" : "");
+                         });
+
+TEST(ModelMoE, GradientsMatchFiniteDifferences) {
+  auto mc = tiny_config("moe");
+  mc.d_model = 6;
+  mc.n_experts = 3;
+  mc.top_k = 2;
+  mc.expert_hidden = 5;
+  RouterConfig rc;
+  rc.aux_alpha = 0.5;  // large, so the aux/z gradients are visible in the check
+  rc.z_beta = 0.1;
+  torch::manual_seed(4);
+  MoE moe(mc, rc, 0.3);
+  moe->to(torch::kFloat64);
+  auto x = (torch::randn({1, 7, mc.d_model}, torch::kFloat64)).requires_grad_(true);
+  auto R = torch::randn({1, 7, mc.d_model}, torch::kFloat64);
+  auto f = [&] {
+    auto out = moe(x);
+    return (out.y_BTD * R).sum() + out.routing.aux_loss + out.routing.z_loss;
+  };
+  expect_grad_matches_fd(f, x, {0, 5, 13, 40}, "x");
+  expect_grad_matches_fd(f, moe->router->weight_ED, {0, 4, 11, 17}, "router");
+  expect_grad_matches_fd(f, moe->experts->w1_EDH, {0, 31, 77}, "experts.w1");
+  expect_grad_matches_fd(f, moe->experts->w2_EHD, {2, 40, 88}, "experts.w2");
+  expect_grad_matches_fd(f, moe->shared->w3->weight, {1, 20}, "shared.w3");
+}
+
+TEST(ModelAttention, GradientsMatchFiniteDifferences) {
+  torch::manual_seed(5);
+  Attention attn(/*d_model=*/8, /*n_heads=*/2, /*init_std=*/0.4, /*out_std=*/0.4);
+  attn->to(torch::kFloat64);
+  auto x = torch::randn({2, 5, 8}, torch::kFloat64).requires_grad_(true);
+  auto R = torch::randn({2, 5, 8}, torch::kFloat64);
+  auto rope = rotary_tables(5, 4, 10000.0, torch::kCPU);
+  auto f = [&] { return (attn(x, rope) * R).sum(); };
+  expect_grad_matches_fd(f, x, {0, 9, 33, 79}, "x");
+  expect_grad_matches_fd(f, attn->qkv->weight, {0, 70, 150, 191}, "qkv");
+  expect_grad_matches_fd(f, attn->out->weight, {3, 60}, "out");
+}
+
+TEST(ModelAttention, RotaryKeepsNormsAndIsRelative) {
+  auto rope = rotary_tables(6, 4, 10000.0, torch::kCPU);
+  auto q = torch::randn({1, 1, 1, 4}).expand({1, 1, 6, 4});
+  auto k = torch::randn({1, 1, 1, 4}).expand({1, 1, 6, 4});
+  auto rq = apply_rotary(q, rope), rk = apply_rotary(k, rope);
+  EXPECT_TRUE(torch::allclose(rq.norm(2, -1), q.norm(2, -1), 1e-5));
+  // <R_i q, R_j k> depends on i - j only.
+  auto dot = [&](int64_t i, int64_t j) { return (rq[0][0][i] * rk[0][0][j]).sum().item<double>(); };
+  EXPECT_NEAR(dot(3, 1), dot(5, 3), 1e-5);
+  EXPECT_NEAR(dot(0, 0), dot(4, 4), 1e-5);
+}
+
+TEST(ModelTransformer, FutureTokensDoNotChangeEarlierLogits) {
+  for (const std::string router : {"none", "topk", "sinkhorn", "bias"}) {
+    auto mc = tiny_config(router == "none" ? "dense" : "moe");
+    RouterConfig rc;
+    if (router != "none") rc.type = router;
+    torch::manual_seed(6);
+    Transformer model(mc, rc);
+    model->eval();  // Sinkhorn balances over the batch in training, by design
+    auto tokens = torch::randint(mc.vocab_size, {2, 10}, torch::kInt64);
+    auto changed = tokens.clone();
+    changed.select(1, 6).fill_((tokens[0][6].item<int64_t>() + 1) % mc.vocab_size);
+    torch::NoGradGuard no_grad;
+    auto a = model(tokens).logits_BTV, b = model(changed).logits_BTV;
+    EXPECT_TRUE(torch::allclose(a.narrow(1, 0, 6), b.narrow(1, 0, 6), 1e-5, 1e-6)) << router;
+    EXPECT_FALSE(torch::allclose(a.narrow(1, 6, 1), b.narrow(1, 6, 1))) << router;
+  }
+}
+
+TEST(ModelTransformer, OutputsAndRoutingPerMoELayer) {
+  auto mc = tiny_config("moe");
+  mc.n_layers = 4;
+  mc.moe_every = 2;
+  mc.norm = "layernorm";
+  mc.tie_embeddings = true;
+  torch::manual_seed(7);
+  Transformer model(mc, RouterConfig{});
+  EXPECT_EQ(model->moe_layer_indices(), (std::vector<int64_t>{1, 3}));
+  EXPECT_EQ(model->routers().size(), 2u);
+  auto out = model(torch::randint(mc.vocab_size, {3, 8}, torch::kInt64));
+  EXPECT_EQ(out.logits_BTV.sizes(), (std::vector<int64_t>{3, 8, mc.vocab_size}));
+  ASSERT_EQ(out.routing.size(), 2u);
+  EXPECT_EQ(out.routing[0].topk_ids_TK.sizes(), (std::vector<int64_t>{24, 2}));
+  EXPECT_NEAR(out.aux_loss.item<double>(),
+              (out.routing[0].aux_loss + out.routing[1].aux_loss).item<double>(), 1e-9);
+  EXPECT_GT(out.z_loss.item<double>(), 0.0);
+  EXPECT_FALSE(model->head);
+
+  Transformer dense(tiny_config("dense"), RouterConfig{});
+  auto dout = dense(torch::randint(64, {1, 4}, torch::kInt64));
+  EXPECT_TRUE(dout.routing.empty());
+  EXPECT_EQ(dout.aux_loss.item<double>(), 0.0);
+  EXPECT_EQ(dout.aux_loss.dim(), 0);
+}
+
+TEST(ModelTransformer, Bf16AutocastKeepsRouterFp32) {
+  torch::manual_seed(8);
+  Transformer model(tiny_config("moe"), RouterConfig{});
+  struct CpuAutocast {  // restores the global autocast state even if the forward throws
+    CpuAutocast() {
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(torch::kBFloat16);
+    }
+    ~CpuAutocast() {
+      at::autocast::set_cpu_enabled(false);
+      at::autocast::clear_cache();
+    }
+  };
+  ModelOutput out;
+  {
+    CpuAutocast autocast;
+    out = model(torch::randint(64, {2, 6}, torch::kInt64));
+  }
+  EXPECT_EQ(out.routing[0].gates_TK.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(out.routing[0].scores_TE.scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(torch::isfinite(out.logits_BTV).all().item<bool>());
+}
+
+TEST(ModelTransformer, FitsAToyBatchWithEveryRouter) {
+  for (const std::string router : {"none", "topk", "sinkhorn", "bias"}) {
+    auto mc = tiny_config(router == "none" ? "dense" : "moe");
+    RouterConfig rc;
+    if (router != "none") rc.type = router;
+    torch::manual_seed(9);
+    Transformer model(mc, rc);
+    model->train();
+    torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(1e-2));
+    auto tokens = torch::randint(mc.vocab_size, {4, 13}, torch::kInt64);
+    auto inputs = tokens.narrow(1, 0, 12), targets = tokens.narrow(1, 1, 12);
+    double first = 0, last = 0;
+    for (int step = 0; step < 25; ++step) {
+      auto out = model(inputs);
+      auto lm = torch::cross_entropy_loss(out.logits_BTV.reshape({-1, mc.vocab_size}), targets.reshape({-1}));
+      opt.zero_grad();
+      (lm + out.aux_loss + out.z_loss).backward();
+      opt.step();
+      std::vector<torch::Tensor> loads;
+      for (const auto& r : out.routing) loads.push_back(r.tokens_per_expert_E);
+      model->update_router_biases(loads);
+      (step == 0 ? first : last) = lm.item<double>();
+    }
+    EXPECT_LT(last, 0.5 * first) << router;
+  }
+}
+
+TEST(ModelTransformer, BiasRouterBufferIsCheckpointedNotTrained) {
+  auto mc = tiny_config("moe");
+  RouterConfig rc;
+  rc.type = "bias";
+  Transformer model(mc, rc);
+  int64_t n_bias_buffers = 0;
+  for (const auto& b : model->named_buffers()) n_bias_buffers += b.key().find("expert_bias") != std::string::npos;
+  EXPECT_EQ(n_bias_buffers, mc.n_layers);
+  for (const auto& p : model->named_parameters()) EXPECT_EQ(p.key().find("expert_bias"), std::string::npos);
+}
