@@ -31,7 +31,7 @@ void register_data_commands(CLI::App& app) {
     auto r = train_tokenizer(cfg.tokenizer, corpora);
     Tokenizer t(cfg.tokenizer.model);
     log::info("tokenizer " + cfg.tokenizer.model + ": vocab " + std::to_string(t.vocab_size()) + ", trained on " +
-              std::to_string(r.sentences) + " lines in " + std::to_string(r.seconds).substr(0, 5) + " s");
+              std::to_string(r.sentences) + " text chunks in " + std::to_string(r.seconds).substr(0, 5) + " s");
   });
 
   auto* prep = data->add_subcommand("prepare", "Tokenize every corpus into train/val shards");

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "data/mixture.h"
 #include "data/shard.h"
 
 namespace moecpt {
@@ -35,8 +36,9 @@ std::vector<Document> read_documents(const std::string& path) {
 }
 
 bool is_validation_document(const std::string& id, double val_fraction, uint64_t seed) {
-  uint64_t h = fnv1a64(&seed, sizeof seed);
-  h = fnv1a64(id.data(), id.size(), h);
+  // FNV's high bits mix poorly for ids that differ in their last characters
+  // (chapter_1, chapter_2, ...): finish with splitmix64.
+  const uint64_t h = splitmix64(fnv1a64(id.data(), id.size(), fnv1a64(&seed, sizeof seed)));
   // Top 53 bits as a uniform number in [0,1).
   return double(h >> 11) * (1.0 / 9007199254740992.0) < val_fraction;
 }

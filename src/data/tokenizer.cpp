@@ -1,8 +1,5 @@
 #include "data/tokenizer.h"
 
-#include <sentencepiece_processor.h>
-#include <sentencepiece_trainer.h>
-
 #include <chrono>
 #include <filesystem>
 #include <unordered_map>
@@ -10,51 +7,53 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "data/documents.h"
+#include "data/spm_shim.h"
 
 namespace moecpt {
 
-Tokenizer::Tokenizer(const std::string& model_path)
-    : path_(model_path), sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
+Tokenizer::Tokenizer(const std::string& model_path) : path_(model_path) {
   if (!std::filesystem::exists(model_path))
     throw file_error(model_path, "tokenizer model not found (run `moecpt data tokenizer train` first)");
-  auto status = sp_->Load(model_path);
-  if (!status.ok()) throw file_error(model_path, "cannot load sentencepiece model: " + status.ToString());
+  char error[512] = "";
+  sp_ = spm::api().load(model_path.c_str(), error, sizeof error);
+  if (!sp_) throw file_error(model_path, std::string("cannot load sentencepiece model: ") + error);
 }
 
-Tokenizer::~Tokenizer() = default;
+Tokenizer::~Tokenizer() {
+  if (sp_) spm::api().free(sp_);
+}
 
 std::vector<int> Tokenizer::encode(const std::string& text) const {
-  std::vector<int> ids;
-  auto status = sp_->Encode(text, &ids);
-  if (!status.ok()) throw file_error(path_, "encoding failed: " + status.ToString());
+  // At most one id per byte (byte fallback) plus a leading space piece.
+  std::vector<int> ids(text.size() + 8);
+  char error[512] = "";
+  long n = spm::api().encode(sp_, text.data(), text.size(), ids.data(), ids.size(), error, sizeof error);
+  if (n < 0) throw file_error(path_, std::string("encoding failed: ") + error);
+  if (size_t(n) > ids.size()) {  // not expected; retry with the exact size
+    ids.resize(size_t(n));
+    n = spm::api().encode(sp_, text.data(), text.size(), ids.data(), ids.size(), error, sizeof error);
+  }
+  ids.resize(size_t(n));
   return ids;
 }
 
 std::string Tokenizer::decode(const std::vector<int>& ids) const {
-  std::string text;
-  auto status = sp_->Decode(ids, &text);
-  if (!status.ok()) throw file_error(path_, "decoding failed: " + status.ToString());
+  std::string text(ids.size() * 8 + 16, '\0');
+  char error[512] = "";
+  long n = spm::api().decode(sp_, ids.data(), ids.size(), text.data(), text.size(), error, sizeof error);
+  if (n < 0) throw file_error(path_, std::string("decoding failed: ") + error);
+  if (size_t(n) > text.size()) {
+    text.resize(size_t(n));
+    n = spm::api().decode(sp_, ids.data(), ids.size(), text.data(), text.size(), error, sizeof error);
+  }
+  text.resize(size_t(n));
   return text;
 }
 
-int Tokenizer::vocab_size() const { return sp_->GetPieceSize(); }
-int Tokenizer::eos_id() const { return sp_->eos_id(); }
+int Tokenizer::vocab_size() const { return spm::api().info(sp_, 0); }
+int Tokenizer::eos_id() const { return spm::api().info(sp_, 1); }
 
 namespace {
-
-// Feeds training lines from memory; sentencepiece pulls them one by one.
-class LineIterator : public sentencepiece::SentenceIterator {
- public:
-  explicit LineIterator(const std::vector<std::string>& lines) : lines_(lines) {}
-  bool done() const override { return i_ >= lines_.size(); }
-  void Next() override { ++i_; }
-  const std::string& value() const override { return lines_[i_]; }
-  sentencepiece::util::Status status() const override { return {}; }
-
- private:
-  const std::vector<std::string>& lines_;
-  size_t i_ = 0;
-};
 
 // Cut a document into training chunks of at most `max_bytes`, at line ends,
 // keeping the newlines so that they become pieces.
@@ -117,9 +116,20 @@ TokenizerTrainReport train_tokenizer(const TokenizerConfig& cfg,
       {"num_threads", "2"},
       {"minloglevel", "1"},
   };
-  LineIterator it(lines);
-  auto status = sentencepiece::SentencePieceTrainer::Train(args, &it);
-  if (!status.ok()) throw Error(cfg.model + ": tokenizer training failed: " + status.ToString());
+  std::vector<const char*> keys, values, line_ptrs;
+  std::vector<size_t> lens;
+  for (const auto& [k, v] : args) {
+    keys.push_back(k.c_str());
+    values.push_back(v.c_str());
+  }
+  for (const auto& l : lines) {
+    line_ptrs.push_back(l.data());
+    lens.push_back(l.size());
+  }
+  char error[1024] = "";
+  if (!spm::api().train(keys.data(), values.data(), keys.size(), line_ptrs.data(), lens.data(), lines.size(), error,
+                        sizeof error))
+    throw Error(cfg.model + ": tokenizer training failed: " + error);
   std::filesystem::rename(tmp_prefix + ".model", prefix + ".model");
   std::filesystem::rename(tmp_prefix + ".vocab", prefix + ".vocab");
   TokenizerTrainReport r;

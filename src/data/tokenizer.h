@@ -6,10 +6,6 @@
 
 #include "core/config.h"
 
-namespace sentencepiece {
-class SentencePieceProcessor;
-}
-
 namespace moecpt {
 
 struct Document;
@@ -19,6 +15,8 @@ class Tokenizer {
   // Load a sentencepiece model; errors name the file.
   explicit Tokenizer(const std::string& model_path);
   ~Tokenizer();
+  Tokenizer(const Tokenizer&) = delete;
+  Tokenizer& operator=(const Tokenizer&) = delete;
   std::vector<int> encode(const std::string& text) const;
   std::string decode(const std::vector<int>& ids) const;
   int vocab_size() const;
@@ -27,7 +25,7 @@ class Tokenizer {
 
  private:
   std::string path_;
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
+  void* sp_ = nullptr;  // sentencepiece processor owned by the plugin (spm_shim.h)
 };
 
 struct TokenizerTrainReport {

@@ -1,0 +1,160 @@
+// End to end: PT then CPT with replay on small shards; loss falls, outputs exist,
+// bad configs and inputs stop the CLI with a clear message.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/config.h"
+#include "core/error.h"
+#include "data/shard.h"
+#include "train/trainer.h"
+#include "test_util.h"
+
+namespace moecpt {
+namespace {
+
+// Two "domains" with different learnable structure: d0 counts up by 1, d1 by 3 (mod 60).
+void write_domain(const std::string& dir, uint32_t step) {
+  std::filesystem::create_directories(dir);
+  for (const char* split : {"train", "val"}) {
+    std::vector<uint32_t> toks;
+    std::vector<uint64_t> offs = {0};
+    for (int doc = 0; doc < 40; ++doc) {
+      uint32_t t = uint32_t(doc * 7 % 60) + 2;
+      for (int i = 0; i < 60; ++i) toks.push_back(2 + (t - 2 + step * uint32_t(i)) % 60);
+      toks.push_back(1);  // EOS
+      offs.push_back(toks.size());
+    }
+    write_shard(dir + "/" + split + ".bin", toks, offs, 64);
+  }
+}
+
+std::string tiny_recipe(const testing::TempDir& dir) {
+  return R"(
+[run]
+threads = 1
+[model]
+vocab_size = 64
+d_model = 32
+n_layers = 2
+n_heads = 2
+seq_len = 16
+ffn_hidden = 64
+ffn = "moe"
+n_experts = 4
+n_shared_experts = 1
+top_k = 2
+expert_hidden = 16
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+[train]
+steps = 60
+batch_size = 8
+log_every = 20
+eval_every = 30
+eval_batches = 2
+[data]
+shard_dir = ")" + dir.path().string() + R"("
+train = ["d0"]
+validation = ["d0", "d1"]
+)";
+}
+
+TEST(TrainE2E, PretrainThenContinueWithReplay) {
+  testing::TempDir dir;
+  write_domain(dir / "d0", 1);
+  write_domain(dir / "d1", 3);
+  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+
+  Config pt = load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "pt") + "\""});
+  PhaseSummary s = train(pt);
+  EXPECT_EQ(s.steps, 60);
+  const double d0_before = s.initial_eval.at("d0").loss, d0_after = s.final_eval.at("d0").loss;
+  EXPECT_NEAR(d0_before, std::log(64.0), 0.5);  // untrained: about uniform
+  EXPECT_LT(d0_after, d0_before - 1.5) << "pre-training must learn the d0 pattern";
+  ASSERT_EQ(s.final_eval.at("d0").mri.size(), 2u);  // one MRI per MoE layer
+  for (double m : s.final_eval.at("d0").mri) {
+    EXPECT_GE(m, 2.0 / 4.0 - 1e-9);  // MRI >= k/E
+    EXPECT_LE(m, 1.0);
+  }
+  for (const char* f : {"config.toml", "metrics.jsonl", "summary.json", "checkpoints/final/model.safetensors",
+                        "checkpoints/last/optimizer.pt"})
+    EXPECT_TRUE(std::filesystem::exists(dir / ("pt/" + std::string(f)))) << f;
+  // The effective config written next to the outputs loads back to the same config.
+  EXPECT_EQ(to_toml(load_config(dir / "pt/config.toml")), to_toml(pt));
+
+  Config cpt = load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "cpt") + "\"", "data.train=d1",
+                                             "data.replay=d0", "data.replay_fraction=0.25",
+                                             "schedule.warmup_from=min_lr", "train.steps=40",
+                                             "train.init_from=\"" + (dir / "pt/checkpoints/final") + "\""});
+  PhaseSummary c = train(cpt);
+  // CPT starts where PT ended (same weights) and learns d1.
+  EXPECT_NEAR(c.initial_eval.at("d0").loss, d0_after, 1e-4);
+  EXPECT_LT(c.final_eval.at("d1").loss, c.initial_eval.at("d1").loss - 1.0);
+
+  // metrics.jsonl: one train line per step with the routing imbalance of every MoE layer.
+  std::ifstream in(dir / "cpt/metrics.jsonl");
+  std::string line;
+  int train_lines = 0;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j["kind"] == "train") {
+      ++train_lines;
+      EXPECT_EQ(j["mri"].size(), 2u);
+    }
+  }
+  EXPECT_EQ(train_lines, 40);
+}
+
+TEST(TrainE2E, InitFromWrongModelNamesTheTensor) {
+  testing::TempDir dir;
+  write_domain(dir / "d0", 1);
+  write_domain(dir / "d1", 3);
+  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "pt") + "\"", "train.steps=2"}));
+  try {
+    train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "x") + "\"", "model.d_model=48",
+                                        "train.init_from=\"" + (dir / "pt/checkpoints/final") + "\""}));
+    FAIL();
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("model.safetensors"), std::string::npos) << m;
+    EXPECT_NE(m.find("has shape"), std::string::npos) << m;
+  }
+}
+
+TEST(TrainE2E, CliRejectsBadConfigsBeforeStarting) {
+  testing::TempDir dir;
+  testing::write_text(dir / "r.toml", "[model]\nffn = \"moe\"\nn_experts = 4\ntop_k = 2\nexpert_hidden = 8\n");
+  auto r = testing::run_moecpt("train -c " + (dir / "r.toml") + " --set model.top_k=9 --set run.out_dir=" +
+                               (dir / "out"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("error: " + (dir / "r.toml") + ": key 'model.top_k'"), std::string::npos) << r.output;
+  EXPECT_FALSE(std::filesystem::exists(dir / "out")) << "no run may start on a bad config";
+  r = testing::run_moecpt("train -c " + (dir / "nope.toml"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("nope.toml: config file not found"), std::string::npos) << r.output;
+  r = testing::run_moecpt("train -c " + (dir / "r.toml") + " --set data.replay_fraction=2");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("data.replay_fraction"), std::string::npos) << r.output;
+  // Missing shards: the message names the shard file.
+  r = testing::run_moecpt("train -c " + (dir / "r.toml") + " --set data.shard_dir=" + (dir / "none") +
+                          " --set run.out_dir=" + (dir / "out2"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find((dir / "none") + "/en/train.bin"), std::string::npos) << r.output;
+}
+
+TEST(TrainE2E, ConfigCommandPrintsEffectiveConfig) {
+  auto r = testing::run_moecpt(std::string("config -c ") + MOECPT_SOURCE_DIR +
+                               "/recipes/quickstart/cpt.toml --set model.n_layers=3");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("n_layers = 3"), std::string::npos);
+  EXPECT_NE(r.output.find("replay_fraction = 0.4"), std::string::npos);
+  EXPECT_NE(r.output.find("n_experts = 15"), std::string::npos);  // inherited from the base recipe
+}
+
+}  // namespace
+}  // namespace moecpt
