@@ -1,4 +1,6 @@
+#include <cmath>
 #include <csignal>
+#include <cstdio>
 #include <iostream>
 
 #include "cli/commands.h"
@@ -10,6 +12,37 @@ namespace moecpt::cli {
 
 namespace {
 extern "C" void on_signal(int) { request_stop(); }
+
+std::string mri_list(const std::vector<double>& mri) {
+  std::string s;
+  char buf[16];
+  for (double m : mri) {
+    std::snprintf(buf, sizeof buf, "%s%.2f", s.empty() ? "" : " ", m);
+    s += buf;
+  }
+  return s.empty() ? "-" : s;
+}
+
+// Validation loss before the first step and after the last, per dataset: for a
+// CPT phase, "before" is the pre-trained model, so the change on old data is
+// forgetting and the change on new data is adaptation.
+void print_phase_table(const Config& cfg, const PhaseSummary& s) {
+  std::printf("\n%s: %lld steps, %lld tokens, %.1f s  (%s)\n", cfg.run.name.c_str(), (long long)s.steps,
+              (long long)s.tokens, s.seconds, cfg.run.out_dir.c_str());
+  std::printf("  %-8s %11s %11s %9s   %-24s %s\n", "val set", "loss before", "loss after", "change",
+              "MRI before (per layer)", "MRI after");
+  for (const auto& [name, after] : s.final_eval) {
+    auto it = s.initial_eval.find(name);
+    const bool has_before = it != s.initial_eval.end();
+    const double before = has_before ? it->second.loss : NAN;
+    std::printf("  %-8s %11.4f %11.4f %+9.4f   %-24s %s\n", name.c_str(), before, after.loss, after.loss - before,
+                has_before ? mri_list(it->second.mri).c_str() : "-", mri_list(after.mri).c_str());
+  }
+  if (!s.final_eval.empty() && !s.final_eval.begin()->second.mri.empty())
+    std::printf("  (MRI = max share of tokens routed to one expert; balanced = k/E = %.2f)\n",
+                double(cfg.model.top_k) / double(cfg.model.n_experts));
+  std::fflush(stdout);
+}
 }  // namespace
 
 void register_train_commands(CLI::App& app) {
@@ -31,8 +64,7 @@ void register_train_commands(CLI::App& app) {
     std::signal(SIGTERM, on_signal);
     auto s = train(cfg, TrainOptions{*resume});
     if (s.final_eval.empty()) return;
-    std::cout << cfg.run.name << ": " << s.steps << " steps, " << s.tokens << " tokens, " << s.seconds << " s\n";
-    for (const auto& [name, e] : s.final_eval) std::cout << "  val " << name << " loss " << e.loss << "\n";
+    print_phase_table(cfg, s);
   });
 }
 

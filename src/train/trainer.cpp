@@ -221,6 +221,10 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   if (start_step == 0) {
     summary.initial_eval = run_eval(0);
     initial_eval = eval_json(summary.initial_eval);
+  } else {
+    for (const auto& [name, e] : initial_eval.items())
+      summary.initial_eval[name] = EvalResult{e.at("loss").get<double>(), e.at("tokens").get<int64_t>(),
+                                              e.at("mri").get<std::vector<double>>()};
   }
   m->train();
   auto t_loop = std::chrono::steady_clock::now();
