@@ -7,5 +7,6 @@ namespace moecpt::cli {
 void register_config_commands(CLI::App& app);  // config show
 void register_data_commands(CLI::App& app);    // data tokenizer train | prepare | inspect
 void register_train_commands(CLI::App& app);   // train
+void register_flops_commands(CLI::App& app);   // flops
 
 }  // namespace moecpt::cli
