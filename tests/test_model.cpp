@@ -65,6 +65,10 @@ struct MoECase {
   std::string activation;
   bool renormalize;
 };
+// Readable parameter in test listings (gtest would otherwise print raw bytes).
+void PrintTo(const MoECase& c, std::ostream* os) {
+  *os << "E=" << c.E << " k=" << c.k << " S=" << c.S << " " << c.activation << (c.renormalize ? " renorm" : "");
+}
 
 class ModelMoEDropless : public ::testing::TestWithParam<MoECase> {};
 

@@ -47,5 +47,76 @@ TEST(Schedule, ConstantAndTinyPhases) {
   EXPECT_DOUBLE_EQ(learning_rate(c, o, 0, 1), 0.5);  // a one-step phase ends at its peak
 }
 
+ScheduleConfig infinite() {
+  ScheduleConfig s;
+  s.type = "infinite";
+  s.warmup_fraction = 0.1;        // W = 10
+  s.cooldown_end_fraction = 0.6;  // C = 60
+  s.anneal_fraction = 0.2;        // A = 80
+  s.const_lr = 0.5;
+  return s;
+}
+
+OptimConfig unit_lr() {
+  OptimConfig o;
+  o.lr = 1.0;
+  o.min_lr = 0.1;
+  return o;
+}
+
+TEST(Schedule, InfiniteCosineCooldownConstantAnneal) {
+  auto s = infinite();
+  auto o = unit_lr();
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 9, 100), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 10, 100), 1.0);
+  EXPECT_NEAR(learning_rate(s, o, 35, 100), 0.75, 1e-12);  // halfway down to η_const
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 60, 100), 0.5);
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 79, 100), 0.5);
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 80, 100), 0.5);  // anneal starts at η_const
+  EXPECT_NEAR(learning_rate(s, o, 90, 100), 0.5 * std::sqrt(0.2), 1e-12);  // η_const·(η_min/η_const)^½
+  EXPECT_NEAR(learning_rate(s, o, 100, 100), 0.1, 1e-12);
+  EXPECT_EQ(anneal_start_step(s, 100), 80);
+  EXPECT_EQ(anneal_start_step(ScheduleConfig{}, 100), -1);
+}
+
+TEST(Schedule, InfiniteInverseSqrtCooldown) {
+  auto s = infinite();
+  s.cooldown_shape = "inv_sqrt";
+  s.inv_sqrt_alpha = 10;
+  auto o = unit_lr();
+  EXPECT_NEAR(learning_rate(s, o, 10, 100), 1.0, 1e-12);
+  // p = 0.5: (1/√6 − 1/√11)/(1 − 1/√11) = 0.15281128…
+  EXPECT_NEAR(learning_rate(s, o, 35, 100), 0.5 + 0.5 * 0.15281128, 1e-7);
+  EXPECT_NEAR(learning_rate(s, o, 59, 100), 0.5 + 0.5 * ((1 / std::sqrt(1 + 10 * 49.0 / 50) - 1 / std::sqrt(11.0)) /
+                                                         (1 - 1 / std::sqrt(11.0))), 1e-12);
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 60, 100), 0.5);
+}
+
+TEST(Schedule, InfiniteFromPreAnnealCheckpointStartsConstant) {
+  auto s = infinite();
+  s.start = "constant";
+  auto o = unit_lr();
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 0, 100), 0.5);  // no re-warming
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 79, 100), 0.5);
+  EXPECT_NEAR(learning_rate(s, o, 100, 100), 0.1, 1e-12);
+  s.anneal_fraction = 0;  // keep the phase open-ended: constant throughout
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 99, 100), 0.5);
+}
+
+TEST(Schedule, WarmupStableDecay) {
+  ScheduleConfig s;
+  s.type = "wsd";
+  s.warmup_fraction = 0.1;
+  s.decay_fraction = 0.2;  // D = 80
+  auto o = unit_lr();
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 50, 100), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(s, o, 80, 100), 1.0);
+  EXPECT_NEAR(learning_rate(s, o, 90, 100), 0.55, 1e-12);
+  EXPECT_NEAR(learning_rate(s, o, 100, 100), 0.1, 1e-12);
+  s.decay_shape = "sqrt";
+  EXPECT_NEAR(learning_rate(s, o, 90, 100), 0.1 + 0.9 * (1 - std::sqrt(0.5)), 1e-12);
+  EXPECT_NEAR(learning_rate(s, o, 100, 100), 0.1, 1e-12);
+}
+
 }  // namespace
 }  // namespace moecpt

@@ -55,4 +55,15 @@ inline void write_text(const std::string& path, const std::string& text) {
   std::fclose(f);
 }
 
+inline std::string read_text(const std::string& path) {
+  std::string out;
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) return out;
+  char buf[65536];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
+  std::fclose(f);
+  return out;
+}
+
 }  // namespace moecpt::testing

@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "core/config.h"
 #include "core/log.h"
+#include "train/schedule.h"
 #include "train/trainer.h"
 
 namespace moecpt::cli {
@@ -46,15 +47,32 @@ void print_phase_table(const Config& cfg, const PhaseSummary& s) {
 }  // namespace
 
 void register_train_commands(CLI::App& app) {
+  auto* sched = app.add_subcommand("schedule", "Print a recipe's learning rate for every step (plot it before training)");
+  auto sched_path = std::make_shared<std::string>();
+  auto sched_sets = std::make_shared<std::vector<std::string>>();
+  auto csv = std::make_shared<bool>(false);
+  sched->add_option("--config,-c", *sched_path, "recipe (TOML)")->required();
+  sched->add_option("--set", *sched_sets, "override a key: section.key=value (repeatable)");
+  sched->add_flag("--csv", *csv, "CSV with a header line (default: step and lr separated by a space)");
+  sched->callback([=] {
+    Config cfg = load_config(*sched_path, *sched_sets);
+    if (*csv) std::printf("step,lr\n");
+    for (int64_t t = 0; t < cfg.train.steps; ++t)
+      std::printf(*csv ? "%lld,%.9g\n" : "%lld %.9g\n", (long long)t,
+                  learning_rate(cfg.schedule, cfg.optim, t, cfg.train.steps));
+  });
+
   auto* cmd = app.add_subcommand("train", "Run one training phase (pre-training, or CPT with train.init_from)");
   auto path = std::make_shared<std::string>();
   auto sets = std::make_shared<std::vector<std::string>>();
   auto init_from = std::make_shared<std::string>();
   auto resume = std::make_shared<bool>(false);
+  auto stop_after = std::make_shared<int64_t>(0);
   cmd->add_option("--config,-c", *path, "recipe (TOML)")->required();
   cmd->add_option("--set", *sets, "override a key: section.key=value (repeatable)");
   cmd->add_option("--init-from", *init_from, "checkpoint directory to start from (same as train.init_from)");
-  cmd->add_flag("--resume", *resume, "continue an interrupted run from <out_dir>/checkpoints/last");
+  cmd->add_flag("--resume", *resume, "continue an interrupted run from its newest checkpoint (checkpoints/step-N)");
+  cmd->add_option("--stop-after", *stop_after, "stop (checkpoint, exit 0) once this step is done; --resume continues");
   cmd->callback([=] {
     auto overrides = *sets;
     if (!init_from->empty()) overrides.push_back("train.init_from=\"" + *init_from + "\"");
@@ -62,7 +80,10 @@ void register_train_commands(CLI::App& app) {
     // Finish the current step, save, exit cleanly.
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
-    auto s = train(cfg, TrainOptions{*resume});
+    TrainOptions topts;
+    topts.resume = *resume;
+    topts.stop_after = *stop_after;
+    auto s = train(cfg, topts);
     if (s.final_eval.empty()) return;
     print_phase_table(cfg, s);
   });

@@ -336,6 +336,20 @@ void validate(const Config& c, const std::string& origin) {
     if (m.expert_hidden < 1) fail("model.expert_hidden", "an MoE model needs expert_hidden >= 1");
   }
   if (c.optim.min_lr > c.optim.lr) fail("optim.min_lr", "expected min_lr <= lr");
+  if (c.train.micro_batch_size > 0 && c.train.batch_size % c.train.micro_batch_size != 0)
+    fail("train.micro_batch_size", "must divide train.batch_size (" + std::to_string(c.train.batch_size) + "), got " +
+                                       std::to_string(c.train.micro_batch_size));
+  const auto& sc = c.schedule;
+  if (sc.type == "infinite") {
+    if (sc.const_lr > c.optim.lr || sc.const_lr < c.optim.min_lr)
+      fail("schedule.const_lr", "expected min_lr <= const_lr <= lr");
+    if (sc.start == "warmup" && sc.cooldown_end_fraction < sc.warmup_fraction)
+      fail("schedule.cooldown_end_fraction", "must not end before the warmup (warmup_fraction)");
+    if (sc.start == "warmup" && sc.cooldown_end_fraction + sc.anneal_fraction > 1.0 + 1e-12)
+      fail("schedule.anneal_fraction", "the anneal overlaps the cooldown: cooldown_end_fraction + anneal_fraction > 1");
+  }
+  if (sc.type == "wsd" && sc.warmup_fraction + sc.decay_fraction > 1.0 + 1e-12)
+    fail("schedule.decay_fraction", "warmup_fraction + decay_fraction > 1");
   const auto& d = c.data;
   if (!d.train_weights.empty()) {
     if (d.train_weights.size() != d.train.size())

@@ -142,34 +142,60 @@ struct OptimConfig {
 };
 
 struct ScheduleConfig {
-  std::string type = "cosine";
-  double warmup_fraction = 0.01;   // of the phase's steps
+  std::string type = "cosine";       // cosine | constant | infinite | wsd
+  double warmup_fraction = 0.01;     // of the phase's steps
   std::string warmup_from = "zero";  // zero | min_lr (re-warming for CPT)
+  // infinite ("CosineInf"): warmup → cooldown to const_lr → constant → anneal to min_lr
+  double const_lr = 1.65e-4;             // η_const
+  double cooldown_end_fraction = 0.6;    // the cooldown ends here (fraction of the phase)
+  std::string cooldown_shape = "cosine"; // cosine | inv_sqrt
+  double inv_sqrt_alpha = 10.0;          // shape of the inverse-sqrt cooldown
+  double anneal_fraction = 0.15;         // final exponential anneal (0 = none in this phase)
+  std::string start = "warmup";          // warmup | constant (CPT from a pre-anneal checkpoint)
+  // wsd: warmup → stable at lr → decay to min_lr
+  double decay_fraction = 0.2;
+  std::string decay_shape = "linear";    // linear | sqrt (1 − sqrt)
 
   template <class V> void visit(V& v) {
-    v("type", type, "learning-rate schedule", Choices{"cosine", "constant"});
+    v("type", type, "learning-rate schedule", Choices{"cosine", "constant", "infinite", "wsd"});
     v("warmup_fraction", warmup_fraction, "linear warmup length as a fraction of the phase", between(0, 1));
     v("warmup_from", warmup_from, "warmup start: 0 (pre-training) or min_lr (re-warming in CPT)", Choices{"zero", "min_lr"});
+    v("const_lr", const_lr, "infinite: constant learning rate eta_const", positive());
+    v("cooldown_end_fraction", cooldown_end_fraction, "infinite: end of the cooldown to const_lr (fraction of the phase)", between(0, 1));
+    v("cooldown_shape", cooldown_shape, "infinite: shape of the cooldown", Choices{"cosine", "inv_sqrt"});
+    v("inv_sqrt_alpha", inv_sqrt_alpha, "infinite: shape alpha of the inverse-sqrt cooldown", positive());
+    v("anneal_fraction", anneal_fraction, "infinite: final exponential anneal to min_lr (fraction of the phase)", between(0, 1));
+    v("start", start, "infinite: 'warmup' (pre-training) or 'constant' (CPT from the pre-anneal checkpoint)", Choices{"warmup", "constant"});
+    v("decay_fraction", decay_fraction, "wsd: final decay length (fraction of the phase)", between(0, 1));
+    v("decay_shape", decay_shape, "wsd: decay shape", Choices{"linear", "sqrt"});
   }
 };
 
 struct TrainConfig {
   int64_t steps = 200;
   int64_t batch_size = 16;         // sequences per optimizer step
+  int64_t micro_batch_size = 0;    // sequences per forward/backward (0 = batch_size)
   std::string init_from = "";      // checkpoint directory to start from (CPT)
+  bool init_optimizer = false;     // also load the optimizer state of init_from
   int64_t log_every = 10;
   int64_t eval_every = 50;         // 0 = only at the end
   int64_t eval_batches = 8;        // validation batches per dataset per evaluation
   int64_t checkpoint_every = 0;    // 0 = only at the end
+  int64_t keep_last = 2;           // step checkpoints kept (tagged ones are always kept)
+  std::string on_nonfinite = "stop";  // stop | skip
 
   template <class V> void visit(V& v) {
     v("steps", steps, "optimizer steps in this phase", at_least(1));
     v("batch_size", batch_size, "sequences per optimizer step", at_least(1));
+    v("micro_batch_size", micro_batch_size, "sequences per forward/backward; gradients accumulate (0 = batch_size)", at_least(0));
     v("init_from", init_from, "checkpoint to initialise from (continual pre-training)");
+    v("init_optimizer", init_optimizer, "also load the AdamW state of init_from");
     v("log_every", log_every, "steps between progress lines", at_least(1));
     v("eval_every", eval_every, "steps between validation passes (0 = end only)", at_least(0));
     v("eval_batches", eval_batches, "validation batches per dataset", at_least(1));
     v("checkpoint_every", checkpoint_every, "steps between checkpoints (0 = end only)", at_least(0));
+    v("keep_last", keep_last, "step checkpoints to keep (final and pre_anneal are always kept)", at_least(1));
+    v("on_nonfinite", on_nonfinite, "non-finite loss: stop the run, or skip the batch", Choices{"stop", "skip"});
   }
 };
 

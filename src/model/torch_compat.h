@@ -1,6 +1,7 @@
 // The one place where LibTorch 1.13 (Debian) and 2.x (PyTorch wheels on GPU
 // machines) differ for us. Everything else calls these wrappers.
 #pragma once
+#include <ATen/autocast_mode.h>
 #include <torch/version.h>
 
 #include <cmath>
@@ -44,6 +45,54 @@ class NoAutocast {
 
  private:
   c10::impl::ExcludeDispatchKeyGuard guard_;
+};
+
+// bf16 autocast for one forward pass on `device` (CPU or CUDA); restores the
+// previous state on destruction. The routers opt out with NoAutocast.
+class Autocast {
+ public:
+  explicit Autocast(const torch::Device& device) : type_(device.type()) {
+#if MOECPT_TORCH_AT_LEAST(2, 4)
+    prev_enabled_ = at::autocast::is_autocast_enabled(type_);
+    prev_dtype_ = at::autocast::get_autocast_dtype(type_);
+    at::autocast::set_autocast_enabled(type_, true);
+    at::autocast::set_autocast_dtype(type_, at::kBFloat16);
+#else
+    if (type_ == c10::DeviceType::CPU) {
+      prev_enabled_ = at::autocast::is_cpu_enabled();
+      prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    } else {
+      prev_enabled_ = at::autocast::is_enabled();
+      prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_enabled(true);
+      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+    }
+#endif
+  }
+  ~Autocast() {
+#if MOECPT_TORCH_AT_LEAST(2, 4)
+    at::autocast::set_autocast_enabled(type_, prev_enabled_);
+    at::autocast::set_autocast_dtype(type_, prev_dtype_);
+#else
+    if (type_ == c10::DeviceType::CPU) {
+      at::autocast::set_cpu_enabled(prev_enabled_);
+      at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+    } else {
+      at::autocast::set_enabled(prev_enabled_);
+      at::autocast::set_autocast_gpu_dtype(prev_dtype_);
+    }
+#endif
+    at::autocast::clear_cache();
+  }
+  Autocast(const Autocast&) = delete;
+  Autocast& operator=(const Autocast&) = delete;
+
+ private:
+  c10::DeviceType type_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
 };
 
 }  // namespace moecpt::compat

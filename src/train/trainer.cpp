@@ -1,6 +1,9 @@
 #include "train/trainer.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <optional>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -13,6 +16,7 @@
 #include "data/mixture.h"
 #include "data/shard.h"
 #include "model/flops.h"
+#include "model/torch_compat.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/schedule.h"
@@ -49,11 +53,20 @@ StepLosses forward_losses(model::Transformer& m, const torch::Tensor& windows_BT
   return {lm, out.aux_loss, out.z_loss, std::move(out.routing)};
 }
 
-// MRI of one layer (SPEC §5): max_i share of the batch's tokens that chose i.
-double mri_of(const model::RoutingInfo& r) {
-  auto counts = r.tokens_per_expert_E.to(torch::kCPU).to(torch::kFloat64);
-  const double tokens = double(r.topk_ids_TK.size(0));
-  return counts.max().item<double>() / tokens;
+// Routing statistics of one layer from its per-expert slot counts (SPEC §5):
+// MRI = max_i share of the tokens that chose i (k/E balanced … 1);
+// loads = f_i = share of the k·T routed slots that went to i (sums to 1).
+struct LayerRouting {
+  double mri = 0;
+  std::vector<double> loads;
+};
+LayerRouting routing_stats(const torch::Tensor& counts_E, int64_t tokens) {
+  auto c = counts_E.to(torch::kCPU).to(torch::kFloat64);
+  LayerRouting r;
+  r.mri = c.max().item<double>() / double(tokens);
+  auto f = c / c.sum().clamp_min(1);
+  r.loads.assign(f.data_ptr<double>(), f.data_ptr<double>() + f.numel());
+  return r;
 }
 
 EvalResult evaluate(model::Transformer& m, const std::vector<Batch>& batches, const torch::Device& dev) {
@@ -63,28 +76,29 @@ EvalResult evaluate(model::Transformer& m, const std::vector<Batch>& batches, co
   EvalResult r;
   double loss_sum = 0;
   std::vector<torch::Tensor> counts;
-  int64_t routed_tokens = 0;
   for (const auto& b : batches) {
     auto l = forward_losses(m, to_tensor(b, dev));
     const int64_t n = b.batch_size * b.seq_len;
     loss_sum += l.lm.item<double>() * double(n);
     r.tokens += n;
     if (counts.empty()) counts.resize(l.routing.size());
-    for (size_t i = 0; i < l.routing.size(); ++i) {
-      auto c = l.routing[i].tokens_per_expert_E.to(torch::kCPU);
-      counts[i] = counts[i].defined() ? counts[i] + c : c;
-    }
-    routed_tokens += n;
+    for (size_t i = 0; i < l.routing.size(); ++i)
+      counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
   }
   r.loss = loss_sum / double(std::max<int64_t>(1, r.tokens));
-  for (auto& c : counts) r.mri.push_back(c.max().item<double>() / double(routed_tokens));
+  for (auto& c : counts) {
+    auto st = routing_stats(c, r.tokens);
+    r.mri.push_back(st.mri);
+    r.loads.push_back(std::move(st.loads));
+  }
   if (was_training) m->train();
   return r;
 }
 
 json eval_json(const std::map<std::string, EvalResult>& evals) {
   json j = json::object();
-  for (const auto& [name, e] : evals) j[name] = {{"loss", e.loss}, {"tokens", e.tokens}, {"mri", e.mri}};
+  for (const auto& [name, e] : evals)
+    j[name] = {{"loss", e.loss}, {"tokens", e.tokens}, {"mri", e.mri}, {"loads", e.loads}};
   return j;
 }
 
@@ -125,9 +139,34 @@ void set_lr(torch::optim::Optimizer& opt, double lr) {
   for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
 }
 
+// Step checkpoints are checkpoints/step-00000123; the newest is the resume point.
+std::string step_dir(const fs::path& out, int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step-%08lld", (long long)step);
+  return (out / "checkpoints" / name).string();
+}
+std::vector<std::pair<int64_t, std::string>> step_checkpoints(const fs::path& out) {
+  std::vector<std::pair<int64_t, std::string>> found;
+  const fs::path dir = out / "checkpoints";
+  if (!fs::exists(dir)) return found;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (e.is_directory() && name.size() == 13 && name.rfind("step-", 0) == 0 &&
+        name.find_first_not_of("0123456789", 5) == std::string::npos && fs::exists(e.path() / "trainer.json"))
+      found.emplace_back(std::stoll(name.substr(5)), e.path().string());
+  }
+  std::sort(found.begin(), found.end());
+  return found;
+}
+
 }  // namespace
 
 void request_stop() { g_stop = true; }
+
+std::string latest_checkpoint(const std::string& out_dir) {
+  auto all = step_checkpoints(out_dir);
+  return all.empty() ? "" : all.back().second;
+}
 
 PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   g_stop = false;
@@ -168,25 +207,31 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   auto optimizer = make_optimizer(m, cfg.optim);
   int64_t start_step = 0;
   json resumed_state = json::object();
-  const std::string last_dir = (out / "checkpoints" / "last").string();
-  if (opts.resume && fs::exists(last_dir + "/trainer.json")) {
-    load_model_weights(last_dir, *m);
-    load_optimizer_state(last_dir, *optimizer);
-    resumed_state = load_trainer_state(last_dir);
+  const std::string resume_dir = opts.resume ? latest_checkpoint(out.string()) : "";
+  if (!resume_dir.empty()) {
+    load_model_weights(resume_dir, *m);
+    load_optimizer_state(resume_dir, *optimizer);
+    resumed_state = load_trainer_state(resume_dir);
     start_step = resumed_state.at("step").get<int64_t>();
     sampler.restore(sampler_state_from_json(resumed_state.at("sampler")));
-    log::info("resumed " + last_dir + " at step " + std::to_string(start_step));
+    log::info("resumed " + resume_dir + " at step " + std::to_string(start_step));
   } else if (!cfg.train.init_from.empty()) {
     load_model_weights(cfg.train.init_from, *m);
-    log::info("initialised weights from " + cfg.train.init_from);
+    if (cfg.train.init_optimizer) load_optimizer_state(cfg.train.init_from, *optimizer);
+    log::info("initialised weights" + std::string(cfg.train.init_optimizer ? " and optimizer" : "") + " from " +
+              cfg.train.init_from);
   }
 
   const auto params = model::count_params(cfg.model);
   const int64_t flops_per_token = model::train_flops_per_token(cfg.model);
   const int64_t tokens_per_step = cfg.train.batch_size * cfg.model.seq_len;
+  const int64_t micro = cfg.train.micro_batch_size > 0 ? cfg.train.micro_batch_size : cfg.train.batch_size;
+  const int64_t n_micro = cfg.train.batch_size / micro;
+  const int64_t anneal_at = anneal_start_step(cfg.schedule, cfg.train.steps);
   log::info(cfg.run.name + ": " + std::to_string(params.total) + " params (" + std::to_string(params.active) +
             " active), " + std::to_string(cfg.train.steps) + " steps × " + std::to_string(tokens_per_step) +
-            " tokens, " + std::to_string(threads) + " threads");
+            " tokens" + (n_micro > 1 ? " in " + std::to_string(n_micro) + " micro-batches" : "") + ", " +
+            std::to_string(threads) + " threads, " + cfg.run.dtype);
 
   // Metrics: one JSON object per line. On resume, drop lines past the checkpoint.
   const std::string metrics_path = (out / "metrics.jsonl").string();
@@ -217,73 +262,133 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     return json{{"step", step}, {"sampler", to_json(sampler.state())}, {"run", cfg.run.name},
                 {"initial_eval", initial_eval}};
   };
+  // A step checkpoint, then prune the oldest beyond keep_last.
+  auto checkpoint = [&](int64_t step) {
+    const std::string dir = step_dir(out, step);
+    save_checkpoint(dir, *m, optimizer.get(), trainer_state(step), cfg);
+    auto all = step_checkpoints(out);
+    for (size_t i = 0; i + size_t(cfg.train.keep_last) < all.size(); ++i) fs::remove_all(all[i].second);
+    return dir;
+  };
 
   if (start_step == 0) {
     summary.initial_eval = run_eval(0);
     initial_eval = eval_json(summary.initial_eval);
   } else {
-    for (const auto& [name, e] : initial_eval.items())
-      summary.initial_eval[name] = EvalResult{e.at("loss").get<double>(), e.at("tokens").get<int64_t>(),
-                                              e.at("mri").get<std::vector<double>>()};
+    for (const auto& [name, e] : initial_eval.items()) {
+      EvalResult r{e.at("loss").get<double>(), e.at("tokens").get<int64_t>(), e.at("mri").get<std::vector<double>>()};
+      r.loads = e.value("loads", std::vector<std::vector<double>>{});
+      summary.initial_eval[name] = r;
+    }
   }
   m->train();
   auto t_loop = std::chrono::steady_clock::now();
+  auto t_last = t_loop;
   double loss_ema = 0;
   int64_t step = start_step;
-  while (step < cfg.train.steps && !g_stop) {
+  std::string last_good = resume_dir.empty() ? cfg.train.init_from : resume_dir;
+  auto should_stop = [&] { return g_stop || (opts.stop_after > 0 && step >= opts.stop_after); };
+  while (step < cfg.train.steps && !should_stop()) {
+    if (step == anneal_at) {  // weights before the final anneal: CPT with the infinite schedule starts here
+      save_checkpoint((out / "checkpoints" / "pre_anneal").string(), *m, optimizer.get(), trainer_state(step), cfg);
+      log::info("kept the pre-anneal checkpoint at step " + std::to_string(step));
+    }
     const double lr = learning_rate(cfg.schedule, cfg.optim, step, cfg.train.steps);
     set_lr(*optimizer, lr);
     Batch batch = sampler.next();
+    auto windows = to_tensor(batch, dev);
     optimizer->zero_grad();
-    auto l = forward_losses(m, to_tensor(batch, dev));
-    auto loss = l.lm + l.aux + l.z;
-    loss.backward();
+    double lm = 0, aux = 0, z = 0;
+    std::vector<torch::Tensor> counts;  // per MoE layer, summed over micro-batches
+    for (int64_t mb = 0; mb < n_micro; ++mb) {
+      std::optional<compat::Autocast> autocast;
+      if (cfg.run.dtype == "bfloat16") autocast.emplace(dev);
+      auto l = forward_losses(m, n_micro == 1 ? windows : windows.narrow(0, mb * micro, micro));
+      autocast.reset();
+      // Equal-sized micro-batches: the mean of their losses is the batch loss.
+      ((l.lm + l.aux + l.z) / double(n_micro)).backward();
+      lm += l.lm.item<double>() / double(n_micro);
+      aux += l.aux.item<double>() / double(n_micro);
+      z += l.z.item<double>() / double(n_micro);
+      if (counts.empty()) counts.resize(l.routing.size());
+      for (size_t i = 0; i < l.routing.size(); ++i)
+        counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
+    }
+    if (!std::isfinite(lm) || !std::isfinite(aux) || !std::isfinite(z)) {
+      if (cfg.train.on_nonfinite == "skip") {
+        log::warn("non-finite loss at step " + std::to_string(step + 1) + ": batch skipped");
+        optimizer->zero_grad();
+        ++step;
+        continue;
+      }
+      throw Error(cfg.run.out_dir + ": non-finite loss at step " + std::to_string(step + 1) + " (lm " + fmt(lm) +
+                  ", aux " + fmt(aux) + ", z " + fmt(z) + "); last good checkpoint: " +
+                  (last_good.empty() ? "none (the run started from scratch)" : last_good) +
+                  ". Lower optim.lr, or set train.on_nonfinite = \"skip\"");
+    }
     double grad_norm = 0;
     if (cfg.optim.grad_clip > 0)
       grad_norm = torch::nn::utils::clip_grad_norm_(m->parameters(), cfg.optim.grad_clip);
     optimizer->step();
-    std::vector<torch::Tensor> loads;
-    for (const auto& r : l.routing) loads.push_back(r.tokens_per_expert_E);
-    m->update_router_biases(loads);
+    m->update_router_biases(counts);  // aux-loss-free balancing; no-op for other routers
     ++step;
 
-    const double lm = l.lm.item<double>();
+    const auto now = std::chrono::steady_clock::now();
+    const double step_s = std::chrono::duration<double>(now - t_last).count();
+    t_last = now;
     loss_ema = step == start_step + 1 ? lm : 0.9 * loss_ema + 0.1 * lm;
     summary.final_train_loss = lm;
-    json line = {{"step", step},          {"kind", "train"},
-                 {"lr", lr},              {"loss", lm},
-                 {"aux_loss", l.aux.item<double>()}, {"z_loss", l.z.item<double>()},
-                 {"grad_norm", grad_norm}, {"tokens", step * tokens_per_step}};
-    if (!l.routing.empty()) {
+    json line = {{"step", step},
+                 {"kind", "train"},
+                 {"lr", lr},
+                 {"loss", lm},
+                 {"aux_loss", aux},
+                 {"z_loss", z},
+                 {"grad_norm", grad_norm},
+                 {"tokens", step * tokens_per_step},
+                 {"tokens_per_s", double(tokens_per_step) / step_s}};
+    if (!counts.empty()) {
       std::vector<double> mri;
-      for (const auto& r : l.routing) mri.push_back(mri_of(r));
+      std::vector<std::vector<double>> loads;
+      for (const auto& c : counts) {
+        auto st = routing_stats(c, tokens_per_step);
+        mri.push_back(st.mri);
+        loads.push_back(std::move(st.loads));
+      }
       line["mri"] = mri;
+      line["loads"] = loads;
     }
     metrics << line.dump() << "\n";
     if (step % cfg.train.log_every == 0 || step == cfg.train.steps) {
-      const double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
+      const double el = std::chrono::duration<double>(now - t_loop).count();
       const double tps = double((step - start_step) * tokens_per_step) / el;
       const double eta = el / double(step - start_step) * double(cfg.train.steps - step);
-      const double tflops = tps * double(flops_per_token) / 1e12;
+      const double gflops = tps * double(flops_per_token) / 1e9;
+      std::string mri_txt;
+      if (line.contains("mri")) {
+        double worst = 0;
+        for (double v : line["mri"]) worst = std::max(worst, v);
+        mri_txt = " maxMRI " + fmt(worst, 2);
+      }
       log::info("step " + std::to_string(step) + "/" + std::to_string(cfg.train.steps) + " loss " + fmt(loss_ema) +
-                " lr " + fmt(lr * 1e4, 3) + "e-4 " + fmt(tps, 0) + " tok/s " + fmt(tflops * 1e3, 1) +
+                " lr " + fmt(lr * 1e4, 3) + "e-4" + mri_txt + " " + fmt(tps, 0) + " tok/s " + fmt(gflops, 1) +
                 " GFLOP/s ETA " + duration(eta));
     }
     if (cfg.train.eval_every > 0 && step % cfg.train.eval_every == 0 && step < cfg.train.steps) run_eval(step);
     if (cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 && step < cfg.train.steps)
-      save_checkpoint(last_dir, *m, optimizer.get(), trainer_state(step), cfg);
+      last_good = checkpoint(step);
   }
   metrics.flush();
-  save_checkpoint(last_dir, *m, optimizer.get(), trainer_state(step), cfg);
-  if (g_stop) {
-    log::info("stopped at step " + std::to_string(step) + "; checkpoint saved to " + last_dir +
+  summary.steps = step;
+  if (step < cfg.train.steps) {
+    const std::string dir = checkpoint(step);
+    log::info("stopped at step " + std::to_string(step) + "; checkpoint saved to " + dir +
               " (continue with --resume)");
-    summary.steps = step;
     return summary;
   }
+  checkpoint(step);
   summary.final_eval = run_eval(step);
   save_checkpoint((out / "checkpoints" / "final").string(), *m, nullptr, trainer_state(step), cfg);
-  summary.steps = step;
   summary.tokens = step * tokens_per_step;
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   json sj = {{"run", cfg.run.name},

@@ -16,6 +16,7 @@ struct EvalResult {
   double loss = 0;        // mean next-token cross-entropy (nats/token)
   int64_t tokens = 0;     // tokens scored
   std::vector<double> mri;  // per MoE layer, inference-mode routing
+  std::vector<std::vector<double>> loads;  // per MoE layer: share of routed slots per expert
 };
 
 struct PhaseSummary {
@@ -28,13 +29,17 @@ struct PhaseSummary {
 };
 
 struct TrainOptions {
-  bool resume = false;  // continue from <out_dir>/checkpoints/last if present
-  bool quiet = false;
+  bool resume = false;  // continue from the newest <out_dir>/checkpoints/step-N
+  int64_t stop_after = 0;  // > 0: behave as if interrupted once this step is done (time-sliced jobs, tests)
 };
 
 // Runs the phase described by `cfg`; writes <out_dir>/{config.toml,
-// metrics.jsonl, summary.json, checkpoints/{last,final}}. Returns the summary.
+// metrics.jsonl, summary.json, checkpoints/{step-N (last keep_last), pre_anneal,
+// final}}. Returns the summary.
 PhaseSummary train(const Config& cfg, const TrainOptions& opts = {});
+
+// Newest step checkpoint (checkpoints/step-NNNNNNNN) of a run, or "" if none.
+std::string latest_checkpoint(const std::string& out_dir);
 
 // Ask a running train() to stop after the current step (SIGINT/SIGTERM).
 void request_stop();
