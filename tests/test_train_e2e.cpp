@@ -1,6 +1,12 @@
 // End to end: PT then CPT with replay on small shards; loss falls, outputs exist,
 // bad configs and inputs stop the CLI with a clear message.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
 
 #include <filesystem>
 #include <fstream>
@@ -169,6 +175,68 @@ TEST(TrainE2E, InitFromWrongModelNamesTheTensor) {
     EXPECT_NE(m.find("model.safetensors"), std::string::npos) << m;
     EXPECT_NE(m.find("has shape"), std::string::npos) << m;
   }
+}
+
+TEST(TrainE2E, CorruptOrMissingCheckpointIsNamed) {
+  testing::TempDir dir;
+  write_domain(dir / "d0", 1);
+  write_domain(dir / "d1", 3);
+  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "pt") + "\"", "train.steps=2"}));
+  const std::string weights = dir / "pt/checkpoints/final/model.safetensors";
+  std::filesystem::resize_file(weights, std::filesystem::file_size(weights) / 2);
+  auto init = [&](const std::string& from) {
+    try {
+      train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "x") + "\"", "train.steps=1",
+                                          "train.init_from=\"" + from + "\""}));
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  std::string e = init(dir / "pt/checkpoints/final");
+  EXPECT_NE(e.find(weights), std::string::npos) << e;
+  e = init(dir / "pt/checkpoints/absent");
+  EXPECT_NE(e.find("absent/model.safetensors: checkpoint weights not found"), std::string::npos) << e;
+}
+
+// SIGINT finishes the step, writes a checkpoint, exits 0; --resume completes the run.
+TEST(TrainE2E, SigintCheckpointsAndResumeFinishes) {
+  testing::TempDir dir;
+  write_domain(dir / "d0", 1);
+  write_domain(dir / "d1", 3);
+  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  const std::string out = dir / "run";
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    const std::string cfg = dir / "pt.toml", set_out = "run.out_dir=\"" + out + "\"";
+    ::execl(MOECPT_BINARY, MOECPT_BINARY, "train", "-c", cfg.c_str(), "--set", set_out.c_str(), "--set",
+            "train.steps=300", "--set", "train.eval_every=0", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  // Wait until training is under way (a few train lines), then interrupt.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (std::chrono::steady_clock::now() < deadline) {
+    const std::string m = testing::read_text(out + "/metrics.jsonl");
+    if (std::count(m.begin(), m.end(), '\n') >= 5) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ::kill(pid, SIGINT);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status)) << "killed by a signal instead of stopping cleanly";
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  const std::string ckpt = latest_checkpoint(out);
+  ASSERT_FALSE(ckpt.empty());
+  const int64_t stopped = nlohmann::json::parse(testing::read_text(ckpt + "/trainer.json"))["step"];
+  EXPECT_GT(stopped, 0);
+  EXPECT_LT(stopped, 300);
+  EXPECT_FALSE(std::filesystem::exists(out + "/summary.json"));
+  auto r = testing::run_moecpt("train -c " + (dir / "pt.toml") + " --set run.out_dir=\"" + out +
+                               "\" --set train.steps=300 --set train.eval_every=0 --resume --set train.log_every=1000");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resumed"), std::string::npos) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(out + "/summary.json"));
 }
 
 TEST(TrainE2E, CliRejectsBadConfigsBeforeStarting) {
