@@ -230,3 +230,117 @@ TEST(RouterFactory, BuildsByTypeAndRejectsUnknown) {
   rc.type = "hash";
   EXPECT_THROW(make_router(rc, mc), Error);
 }
+
+// ---- Balance at the optimum, gradients, skewed batches -------------------------------
+
+TEST(RouterTopK, AuxLossEqualsAlphaAtPerfectlyUniformRouting) {
+  // Circulant logits: token t scores expert e with a[(e - t) mod E]. Over E
+  // consecutive tokens every expert sees every value of a once, so the mean
+  // probability P_i = 1/E and every expert is chosen exactly k times in each
+  // cycle: f_i = 1/E. Then α·E·Σ f_i P_i = α·E·E·(1/E²) = α.
+  RouterConfig rc;
+  rc.aux_alpha = 0.01;
+  const int64_t E = 6, k = 2, cycles = 3;
+  auto router = identity_router<TopKRouter>(rc, E, k);
+  const std::vector<float> a = {2.0f, 1.3f, 0.4f, -0.2f, -0.9f, -1.5f};  // distinct: no ties in top-k
+  auto z = torch::empty({cycles * E, E});
+  for (int64_t t = 0; t < cycles * E; ++t)
+    for (int64_t e = 0; e < E; ++e) z[t][e] = a[((e - t) % E + E) % E];
+  auto r = router->route(z);
+  EXPECT_TRUE(torch::equal(r.tokens_per_expert_E, torch::full({E}, cycles * k, torch::kInt64)));
+  EXPECT_NEAR(r.aux_loss.item<double>(), rc.aux_alpha, 1e-9);
+
+  // Any imbalance costs more: the same tokens all shifted onto expert 0 first.
+  auto skewed = z.clone();
+  skewed.select(1, 0).add_(5.0);
+  EXPECT_GT(router->route(skewed).aux_loss.item<double>(), 1.5 * rc.aux_alpha);
+}
+
+namespace {
+
+// Central finite differences of f at a few entries of p vs p's autograd gradient (double).
+void expect_router_grad_matches_fd(const std::function<torch::Tensor()>& f, torch::Tensor p,
+                                   const std::vector<int64_t>& flat_idx, const std::string& what) {
+  if (p.grad().defined()) p.mutable_grad().zero_();
+  f().backward();
+  auto analytic = p.grad().reshape({-1}).clone();
+  torch::NoGradGuard no_grad;
+  auto flat = p.view({-1});
+  const double h = 1e-6;
+  for (int64_t i : flat_idx) {
+    const double orig = flat[i].item<double>();
+    flat[i].fill_(orig + h);
+    const double up = f().item<double>();
+    flat[i].fill_(orig - h);
+    const double down = f().item<double>();
+    flat[i].fill_(orig);
+    const double numeric = (up - down) / (2 * h);
+    EXPECT_NEAR(analytic[i].item<double>(), numeric, 1e-7 + 1e-5 * std::abs(numeric))
+        << what << " entry " << i;
+  }
+}
+
+// Gradient check of one router in double precision: the gates weighted by a
+// random R plus the router's own losses, w.r.t. its weight and its input. The
+// discrete choice is locally constant, so the loss is smooth at a random point.
+void check_router_gradients(Router& router, const std::string& what) {
+  router.to(torch::kFloat64);
+  torch::manual_seed(11);
+  const int64_t T = 9, D = router.weight_ED.size(1);
+  auto x = torch::randn({T, D}, torch::kFloat64).requires_grad_(true);
+  auto R = torch::randn({T, router.top_k()}, torch::kFloat64);
+  auto f = [&] {
+    auto r = router.route(x);
+    return (r.gates_TK * R).sum() + r.aux_loss + r.z_loss;
+  };
+  expect_router_grad_matches_fd(f, router.weight_ED, {0, 5, 13, 22}, what + " weight");
+  expect_router_grad_matches_fd(f, x, {0, 7, 30, 44}, what + " input");
+}
+
+}  // namespace
+
+TEST(RouterGradients, MatchFiniteDifferencesForEveryRouter) {
+  for (const std::string type : {"topk", "sinkhorn", "bias"}) {
+    for (int64_t k : {1, 2}) {
+      RouterConfig rc;
+      rc.type = type;
+      rc.aux_alpha = 0.3;  // large, so the loss gradients are visible in the check
+      rc.z_beta = 0.1;
+      rc.renormalize = (k == 2);
+      torch::manual_seed(10);
+      auto router = make_router(rc, moe_config(/*d=*/6, /*E=*/4, k));
+      router->train();
+      check_router_gradients(*router, type + " k=" + std::to_string(k));
+    }
+  }
+}
+
+TEST(RouterSinkhorn, BalancesASkewedBatchWherePlainTopKDoesNot) {
+  // Every token strongly prefers experts 0 and 1. MRI = max_i share of tokens
+  // choosing i, from k/E (balanced) to 1 (SPEC §5).
+  const int64_t T = 512, E = 8, k = 2;
+  torch::manual_seed(12);
+  auto z = torch::randn({T, E}) + torch::tensor({4.0f, 3.0f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f});
+  auto mri = [&](const torch::Tensor& tokens_per_expert_E) {
+    return tokens_per_expert_E.max().item<double>() / double(T);
+  };
+  const double balanced = double(k) / double(E);
+
+  RouterConfig topk_rc;
+  auto topk = identity_router<TopKRouter>(topk_rc, E, k);
+  const double mri_topk = mri(topk->route(z).tokens_per_expert_E);
+  EXPECT_GT(mri_topk, 0.9);  // nearly every token picks expert 0
+
+  RouterConfig rc;
+  rc.sinkhorn_tol = 1e-4;
+  rc.sinkhorn_max_iters = 1000;
+  auto sinkhorn = identity_router<SinkhornRouter>(rc, E, k);
+  sinkhorn->train();
+  auto r = sinkhorn->route(z);
+  const double mri_sinkhorn = mri(r.tokens_per_expert_E);
+  EXPECT_LT(mri_sinkhorn, 1.25 * balanced) << "plain top-k MRI " << mri_topk;
+  EXPECT_GE(mri_sinkhorn, balanced);
+  // The same router at evaluation is plain top-k, as unbalanced as the top-k router.
+  sinkhorn->eval();
+  EXPECT_NEAR(mri(sinkhorn->route(z).tokens_per_expert_E), mri_topk, 1e-12);
+}
