@@ -19,6 +19,7 @@
 #include "model/torch_compat.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
+#include "train/optimizer.h"
 #include "train/schedule.h"
 
 namespace moecpt {
@@ -116,29 +117,6 @@ std::string duration(double s) {
   return buf;
 }
 
-// AdamW with two groups: matrices decay; norms, biases and embeddings do not.
-std::unique_ptr<torch::optim::AdamW> make_optimizer(model::Transformer& m, const OptimConfig& o) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& p : m->named_parameters()) {
-    if (!p.value().requires_grad()) continue;
-    const std::string& n = p.key();
-    const bool is_embedding = n.find("tok_emb") != std::string::npos;
-    (p.value().dim() >= 2 && !is_embedding ? decay : no_decay).push_back(p.value());
-  }
-  auto opts = [&](double wd) {
-    return std::make_unique<torch::optim::AdamWOptions>(
-        torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(wd));
-  };
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, opts(o.weight_decay));
-  groups.emplace_back(no_decay, opts(0.0));
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(o.lr));
-}
-
-void set_lr(torch::optim::Optimizer& opt, double lr) {
-  for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-}
-
 // Step checkpoints are checkpoints/step-00000123; the newest is the resume point.
 std::string step_dir(const fs::path& out, int64_t step) {
   char name[32];
@@ -204,7 +182,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   // --- model and optimizer ----------------------------------------------------
   model::Transformer m(cfg.model, cfg.router);
   m->to(dev);
-  auto optimizer = make_optimizer(m, cfg.optim);
+  auto optimizer = make_adamw(*m, cfg.optim);
   int64_t start_step = 0;
   json resumed_state = json::object();
   const std::string resume_dir = opts.resume ? latest_checkpoint(out.string()) : "";
@@ -294,7 +272,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       log::info("kept the pre-anneal checkpoint at step " + std::to_string(step));
     }
     const double lr = learning_rate(cfg.schedule, cfg.optim, step, cfg.train.steps);
-    set_lr(*optimizer, lr);
+    set_learning_rate(*optimizer, lr);
     Batch batch = sampler.next();
     auto windows = to_tensor(batch, dev);
     optimizer->zero_grad();
@@ -370,7 +348,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
         for (double v : line["mri"]) worst = std::max(worst, v);
         mri_txt = " maxMRI " + fmt(worst, 2);
       }
-      log::info("step " + std::to_string(step) + "/" + std::to_string(cfg.train.steps) + " loss " + fmt(loss_ema) +
+      log::progress("step " + std::to_string(step) + "/" + std::to_string(cfg.train.steps) + " loss " + fmt(loss_ema) +
                 " lr " + fmt(lr * 1e4, 3) + "e-4" + mri_txt + " " + fmt(tps, 0) + " tok/s " + fmt(gflops, 1) +
                 " GFLOP/s ETA " + duration(eta));
     }
