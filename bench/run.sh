@@ -26,7 +26,7 @@ for round in $(seq 1 "$ROUNDS"); do
   for model in "${MODELS[@]}"; do
     echo "round $round: $model (moecpt)" >&2
     MOECPT_BENCH_THREADS="$THREADS" MOECPT_BENCH_STEPS="$STEPS" MOECPT_BENCH_BATCH="$BATCH" \
-        "$BIN" --benchmark_filter="^train_step/$model\$" --benchmark_format=json \
+        "$BIN" --benchmark_filter="^train_step/$model/" --benchmark_format=json \
       | /usr/bin/python3 -c 'import json,sys; b=json.load(sys.stdin)["benchmarks"][0]; print(json.dumps({"impl":"moecpt","model":sys.argv[1],"round":int(sys.argv[2]),"step_ms":b["real_time"],"tokens_per_s":b["tokens_per_s"],"peak_rss_mib":b["peak_rss_mib"],"threads":b["threads"],"batch_tokens":b["batch_tokens"],"loss":b["loss"]}))' "$model" "$round" >>"$RAW"
     echo "round $round: $model (pytorch eager)" >&2
     /usr/bin/python3 bench/pytorch_eager.py "$model" --threads "$THREADS" --steps "$STEPS" --batch "$BATCH" \
