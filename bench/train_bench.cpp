@@ -14,6 +14,7 @@
 
 #include "core/config.h"
 #include "model/transformer.h"
+#include "train/optimizer.h"
 
 using namespace moecpt;
 
@@ -30,24 +31,6 @@ double peak_rss_mib() {
   return double(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
 }
 
-// AdamW with two groups, as the trainer builds it: matrices decay; norms and
-// the embedding do not.
-std::unique_ptr<torch::optim::AdamW> make_adamw(model::Transformer& m, const OptimConfig& o) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& p : m->named_parameters()) {
-    const bool is_embedding = p.key().find("tok_emb") != std::string::npos;
-    (p.value().dim() >= 2 && !is_embedding ? decay : no_decay).push_back(p.value());
-  }
-  auto opts = [&](double wd) {
-    return std::make_unique<torch::optim::AdamWOptions>(
-        torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(wd));
-  };
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, opts(o.weight_decay));
-  groups.emplace_back(no_decay, opts(0.0));
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(o.lr));
-}
-
 void BM_TrainStep(benchmark::State& state, const std::string& recipe) {
   const int64_t threads = env_int("MOECPT_BENCH_THREADS", std::max(1u, std::thread::hardware_concurrency()));
   torch::set_num_threads(int(threads));
@@ -59,7 +42,7 @@ void BM_TrainStep(benchmark::State& state, const std::string& recipe) {
   torch::manual_seed(0);
   model::Transformer model(mc, cfg.router);
   model->train();
-  auto opt = make_adamw(model, cfg.optim);
+  auto opt = make_adamw(*model, cfg.optim);
   auto tokens = torch::randint(mc.vocab_size, {B, T + 1}, torch::kInt64);
   auto inputs_BT = tokens.narrow(1, 0, T).contiguous(), targets_BT = tokens.narrow(1, 1, T).contiguous();
 

@@ -158,6 +158,14 @@ TEST(TrainE2E, InterruptedAndResumedRunIsBitIdentical) {
   EXPECT_TRUE(wa == wb) << "final weights differ after resume";
   // The summary of the resumed run still knows the loss before training.
   EXPECT_EQ(rest.initial_eval.size(), 2u);
+
+  // Resuming with a different model (or mixture) is refused, naming the checkpoint's config.
+  try {
+    train(load_config(dir / "pt.toml", with({"train.steps=30", "model.n_layers=3"}, dir / "split")), again);
+    FAIL() << "resume with another model must fail";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("step-00000024/config.toml"), std::string::npos) << e.what();
+  }
 }
 
 TEST(TrainE2E, InitFromWrongModelNamesTheTensor) {

@@ -187,6 +187,20 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   json resumed_state = json::object();
   const std::string resume_dir = opts.resume ? latest_checkpoint(out.string()) : "";
   if (!resume_dir.empty()) {
+    // Resuming with another model, router or data mixture would silently train
+    // something else: refuse, naming the checkpoint's config.
+    auto what_matters = [](const Config& c) {
+      Config x;
+      x.model = c.model;
+      x.router = c.router;
+      x.data = c.data;
+      x.train.batch_size = c.train.batch_size;
+      return to_toml(x);
+    };
+    const std::string saved_path = resume_dir + "/config.toml";
+    if (what_matters(load_config(saved_path)) != what_matters(cfg))
+      throw Error(saved_path + ": the checkpoint was written with a different model, router, data or batch size "
+                               "than this run's config; resume with the recipe that started the run");
     load_model_weights(resume_dir, *m);
     load_optimizer_state(resume_dir, *optimizer);
     resumed_state = load_trainer_state(resume_dir);
