@@ -1,6 +1,8 @@
 // Model maths against independent reference computations and finite differences.
 #include <gtest/gtest.h>
 
+#include "gradcheck.h"
+
 #include <ATen/autocast_mode.h>
 
 #include "model/attention.h"
@@ -36,27 +38,7 @@ torch::Tensor act(const std::string& name, const torch::Tensor& x) {
   return name == "geglu" ? torch::gelu(x) : torch::silu(x);
 }
 
-// Central finite differences of f at a few entries of p vs p's autograd gradient.
-void expect_grad_matches_fd(const std::function<torch::Tensor()>& f, torch::Tensor p,
-                            const std::vector<int64_t>& flat_idx, const std::string& what) {
-  if (p.grad().defined()) p.mutable_grad().zero_();
-  f().backward();
-  auto analytic = p.grad().reshape({-1}).clone();
-  torch::NoGradGuard no_grad;
-  auto flat = p.view({-1});
-  const double h = 1e-6;
-  for (int64_t i : flat_idx) {
-    const double orig = flat[i].item<double>();
-    flat[i].fill_(orig + h);
-    const double up = f().item<double>();
-    flat[i].fill_(orig - h);
-    const double down = f().item<double>();
-    flat[i].fill_(orig);
-    const double numeric = (up - down) / (2 * h);
-    EXPECT_NEAR(analytic[i].item<double>(), numeric, 1e-6 + 1e-5 * std::abs(numeric))
-        << what << " entry " << i;
-  }
-}
+using moecpt::testing::expect_grad_matches_fd;
 
 }  // namespace
 
