@@ -268,7 +268,10 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     initial_eval = eval_json(summary.initial_eval);
   } else {
     for (const auto& [name, e] : initial_eval.items()) {
-      EvalResult r{e.at("loss").get<double>(), e.at("tokens").get<int64_t>(), e.at("mri").get<std::vector<double>>()};
+      EvalResult r;
+      r.loss = e.at("loss").get<double>();
+      r.tokens = e.at("tokens").get<int64_t>();
+      r.mri = e.at("mri").get<std::vector<double>>();
       r.loads = e.value("loads", std::vector<std::vector<double>>{});
       summary.initial_eval[name] = r;
     }
