@@ -8,27 +8,19 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using moecpt::Error;
 
 namespace {
 
-// A fresh, empty directory per test, removed afterwards.
 class AtomicFileTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::temp_directory_path() /
-           ("moecpt_atomic_" + std::to_string(::getpid()) + "_" + info->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::permissions(dir_, fs::perms::owner_all, fs::perm_options::add, ec);
-    fs::remove_all(dir_, ec);
-  }
+  // A fresh, empty directory per test (tests/test_util.h), removed afterwards.
+  moecpt::testing::TempDir tmp_;
+  fs::path dir_ = tmp_.path();
+
   std::string p(const std::string& name) const { return (dir_ / name).string(); }
   // Names in the directory other than the given ones (e.g. leftover temp files).
   std::vector<std::string> entries() const {
@@ -37,13 +29,9 @@ class AtomicFileTest : public ::testing::Test {
     std::sort(out.begin(), out.end());
     return out;
   }
-  fs::path dir_;
 };
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using moecpt::testing::read_text;
 
 template <typename F>
 std::string error_of(F&& f) {
@@ -61,15 +49,15 @@ std::string error_of(F&& f) {
 TEST_F(AtomicFileTest, WritesBytesAndLeavesNoTempFile) {
   std::string data("hello\0world", 11);
   moecpt::write_file_atomic(p("a.bin"), data);
-  EXPECT_EQ(slurp(p("a.bin")), data);
+  EXPECT_EQ(read_text(p("a.bin")), data);
   EXPECT_EQ(entries(), std::vector<std::string>{"a.bin"});
   // Overwrite with shorter content: no stale tail.
   moecpt::write_file_atomic(p("a.bin"), std::string_view("xy"));
-  EXPECT_EQ(slurp(p("a.bin")), "xy");
+  EXPECT_EQ(read_text(p("a.bin")), "xy");
   EXPECT_EQ(entries(), std::vector<std::string>{"a.bin"});
   // Empty file.
   moecpt::write_file_atomic(p("empty"), std::string_view());
-  EXPECT_EQ(slurp(p("empty")), "");
+  EXPECT_EQ(read_text(p("empty")), "");
 }
 
 TEST_F(AtomicFileTest, StreamingWriterLargeAndSmallWrites) {
@@ -84,7 +72,7 @@ TEST_F(AtomicFileTest, StreamingWriterLargeAndSmallWrites) {
   std::string expect = "head:" + big;
   for (int i = 0; i < 1000; ++i) expect.push_back(static_cast<char>(i));
   expect += ":tail";
-  EXPECT_EQ(slurp(p("s.bin")), expect);
+  EXPECT_EQ(read_text(p("s.bin")), expect);
   EXPECT_EQ(entries(), std::vector<std::string>{"s.bin"});
 }
 
@@ -130,7 +118,7 @@ TEST_F(AtomicFileTest, UnwritableDirectoryKeepsPreviousFile) {
       error_of([&] { moecpt::write_file_atomic(p("keep.txt"), std::string_view("new")); });
   EXPECT_NE(msg.find(p("keep.txt")), std::string::npos) << msg;
   EXPECT_NE(msg.find("Is a directory"), std::string::npos) << msg;
-  EXPECT_EQ(slurp(p("keep.txt")), "old contents");
+  EXPECT_EQ(read_text(p("keep.txt")), "old contents");
   fs::remove(tmp);
   EXPECT_EQ(entries(), std::vector<std::string>{"keep.txt"});
 }
@@ -144,7 +132,7 @@ TEST_F(AtomicFileTest, ReadOnlyDirectoryKeepsPreviousFile) {
   fs::permissions(dir_, fs::perms::owner_all, fs::perm_options::add);
   EXPECT_NE(msg.find(p("keep.txt")), std::string::npos) << msg;
   EXPECT_NE(msg.find("Permission denied"), std::string::npos) << msg;
-  EXPECT_EQ(slurp(p("keep.txt")), "old contents");
+  EXPECT_EQ(read_text(p("keep.txt")), "old contents");
   EXPECT_EQ(entries(), std::vector<std::string>{"keep.txt"});
 }
 
@@ -166,7 +154,7 @@ TEST_F(AtomicFileTest, ThrowingWriterRemovesTempAndKeepsPreviousFile) {
                                            throw std::runtime_error("boom");
                                          }),
                std::runtime_error);
-  EXPECT_EQ(slurp(p("f.txt")), "v1");
+  EXPECT_EQ(read_text(p("f.txt")), "v1");
   EXPECT_EQ(entries(), std::vector<std::string>{"f.txt"});
 }
 
@@ -175,14 +163,14 @@ TEST_F(AtomicFileTest, CommitDirectoryIntoPlace) {
   fs::create_directory(p("ckpt.tmp"));
   moecpt::write_file_atomic(p("ckpt.tmp/a"), std::string_view("one"));
   moecpt::commit_directory_atomic(p("ckpt.tmp"), p("ckpt"));
-  EXPECT_EQ(slurp(p("ckpt/a")), "one");
+  EXPECT_EQ(read_text(p("ckpt/a")), "one");
   EXPECT_EQ(entries(), std::vector<std::string>{"ckpt"});
 
   // Second commit replaces the existing directory wholesale.
   fs::create_directory(p("ckpt.tmp"));
   moecpt::write_file_atomic(p("ckpt.tmp/b"), std::string_view("two"));
   moecpt::commit_directory_atomic(p("ckpt.tmp"), p("ckpt"));
-  EXPECT_EQ(slurp(p("ckpt/b")), "two");
+  EXPECT_EQ(read_text(p("ckpt/b")), "two");
   EXPECT_FALSE(fs::exists(p("ckpt/a")));
   EXPECT_EQ(entries(), std::vector<std::string>{"ckpt"});  // old copy removed
 }
@@ -193,6 +181,6 @@ TEST_F(AtomicFileTest, CommitDirectoryMissingTempKeepsFinal) {
   std::string msg =
       error_of([&] { moecpt::commit_directory_atomic(p("nope.tmp"), p("ckpt")); });
   EXPECT_NE(msg.find(p("nope.tmp")), std::string::npos) << msg;
-  EXPECT_EQ(slurp(p("ckpt/a")), "keep");
+  EXPECT_EQ(read_text(p("ckpt/a")), "keep");
   EXPECT_EQ(entries(), std::vector<std::string>{"ckpt"});
 }

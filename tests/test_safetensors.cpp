@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "test_util.h"
 #include "core/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -20,17 +21,10 @@ namespace {
 
 class SafetensorsTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::temp_directory_path() /
-           ("moecpt_st_" + std::to_string(::getpid()) + "_" + info->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    fs::remove_all(dir_, ec);
-  }
+  // A fresh, empty directory per test (tests/test_util.h), removed afterwards.
+  moecpt::testing::TempDir tmp_;
+  fs::path dir_ = tmp_.path();
+
   std::string p(const std::string& name) const { return (dir_ / name).string(); }
   std::vector<std::string> entries() const {
     std::vector<std::string> out;
@@ -38,13 +32,9 @@ class SafetensorsTest : public ::testing::Test {
     std::sort(out.begin(), out.end());
     return out;
   }
-  fs::path dir_;
 };
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+using moecpt::testing::read_text;
 
 void spit(const std::string& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -174,7 +164,7 @@ TEST_F(SafetensorsTest, RoundTripIsBitExact) {
 TEST_F(SafetensorsTest, IndependentHeaderParse) {
   auto tensors = sample_tensors();
   moecpt::save_safetensors(p("m.safetensors"), tensors, {{"k", "v"}});
-  const std::string file = slurp(p("m.safetensors"));
+  const std::string file = read_text(p("m.safetensors"));
   ASSERT_GE(file.size(), 8u);
   const uint64_t n = read_le64(file);
   EXPECT_EQ(n % 8, 0u) << "header padded to a multiple of 8";
@@ -257,7 +247,7 @@ TEST_F(SafetensorsTest, MissingFileNamesPath) {
 TEST_F(SafetensorsTest, TruncatedFileAtSeveralPoints) {
   moecpt::save_safetensors(p("good.safetensors"),
                            {{"alpha", torch::randn({4, 4})}, {"beta", torch::randn({10})}});
-  const std::string good = slurp(p("good.safetensors"));
+  const std::string good = read_text(p("good.safetensors"));
   const uint64_t n = read_le64(good);
   const size_t data_start = 8 + n;
   struct Cut {
@@ -454,13 +444,13 @@ TEST_F(SafetensorsTest, SaveRejectsBadInput) {
 
 TEST_F(SafetensorsTest, FailedSaveKeepsPreviousFile) {
   moecpt::save_safetensors(p("ckpt.safetensors"), {{"w", torch::arange(4, torch::kFloat32)}});
-  const std::string before = slurp(p("ckpt.safetensors"));
+  const std::string before = read_text(p("ckpt.safetensors"));
   // Block the temp file name so the write fails (works even as root).
   std::string tmp = p("ckpt.safetensors") + ".tmp." + std::to_string(::getpid());
   fs::create_directory(tmp);
   EXPECT_THROW(moecpt::save_safetensors(p("ckpt.safetensors"), {{"w", torch::zeros({8})}}), Error);
   fs::remove(tmp);
-  EXPECT_EQ(slurp(p("ckpt.safetensors")), before);
+  EXPECT_EQ(read_text(p("ckpt.safetensors")), before);
   EXPECT_EQ(entries(), std::vector<std::string>{"ckpt.safetensors"});
   auto f = moecpt::load_safetensors(p("ckpt.safetensors"));
   EXPECT_TRUE(torch::equal(f.tensors.at("w"), torch::arange(4, torch::kFloat32)));
