@@ -1,6 +1,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 #include "cli/commands.h"
@@ -84,7 +85,8 @@ void register_train_commands(CLI::App& app) {
     topts.resume = *resume;
     topts.stop_after = *stop_after;
     auto s = train(cfg, topts);
-    if (s.final_eval.empty()) return;
+    const char* rank = std::getenv("RANK");  // data parallel: rank 0 reports
+    if (s.final_eval.empty() || (rank && *rank && std::string(rank) != "0")) return;
     print_phase_table(cfg, s);
   });
 }

@@ -8,5 +8,6 @@ void register_config_commands(CLI::App& app);  // config show
 void register_data_commands(CLI::App& app);    // data tokenizer train | prepare | inspect
 void register_train_commands(CLI::App& app);   // train
 void register_flops_commands(CLI::App& app);   // flops
+void register_launch_commands(CLI::App& app);  // launch --nproc N -- <command>
 
 }  // namespace moecpt::cli

@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   moecpt::cli::register_data_commands(app);
   moecpt::cli::register_train_commands(app);
   moecpt::cli::register_flops_commands(app);
+  moecpt::cli::register_launch_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -3,6 +3,7 @@
 // algorithms implement it, one file each: router_topk (Z+Aux), router_sinkhorn,
 // router_bias (aux-loss-free). make_router() builds one from RouterConfig.type.
 #pragma once
+#include <functional>
 #include <memory>
 
 #include "core/config.h"
@@ -35,6 +36,12 @@ class Router : public torch::nn::Module {
   // Aux-loss-free balancing hook, called by the trainer after the optimizer step
   // with the loads summed over the step's micro-batches. No-op for other routers.
   virtual void update_bias(const torch::Tensor& tokens_per_expert_E) {}
+
+  // Data parallel (docs/distributed.md): when set, returns the sum of a tensor
+  // over all ranks that share the batch (an all-reduce). Routers whose loss uses
+  // batch statistics (the top-k aux loss's f_i) use it to make them global.
+  // Unset on one process and during evaluation.
+  std::function<torch::Tensor(const torch::Tensor&)> dp_sum;
 
   int64_t n_experts() const { return n_experts_; }
   int64_t top_k() const { return top_k_; }

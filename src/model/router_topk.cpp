@@ -23,6 +23,11 @@ RoutingInfo TopKRouter::route(const torch::Tensor& x_TD) {
 
   // f_i is a count: it carries no gradient, so the loss pushes on P_i only.
   auto f_E = r.tokens_per_expert_E.to(probs_TE.scalar_type()) / double(top_k_ * T);
+  if (dp_sum) {  // data parallel: f over the global batch, counts and tokens of every rank
+    auto n = dp_sum(torch::cat({r.tokens_per_expert_E.to(torch::kFloat64),
+                                torch::full({1}, double(T), r.tokens_per_expert_E.options().dtype(torch::kFloat64))}));
+    f_E = (n.narrow(0, 0, n_experts_) / (double(top_k_) * n[n_experts_])).to(probs_TE.scalar_type());
+  }
   auto P_E = probs_TE.mean(0);
   r.aux_loss = aux_alpha_ * double(n_experts_) * (f_E * P_E).sum();
   r.z_loss = z_beta_ * torch::logsumexp(logits_TE, -1).pow(2).mean();

@@ -19,6 +19,7 @@
 #include "model/torch_compat.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
+#include "train/distributed.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
 
@@ -70,14 +71,20 @@ LayerRouting routing_stats(const torch::Tensor& counts_E, int64_t tokens) {
   return r;
 }
 
-EvalResult evaluate(model::Transformer& m, const std::vector<Batch>& batches, const torch::Device& dev) {
+// Data parallel: rank r scores batches r, r+W, …; loss sums, token counts and
+// routed-slot counts are summed over ranks, so every rank gets the result one
+// process would compute (up to the order of the floating-point sums).
+EvalResult evaluate(model::Transformer& m, const std::vector<Batch>& batches, const torch::Device& dev,
+                    dist::Group* group = nullptr) {
   torch::NoGradGuard no_grad;
   const bool was_training = m->is_training();
   m->eval();  // inference-mode routing (plain top-k for Sinkhorn)
   EvalResult r;
   double loss_sum = 0;
   std::vector<torch::Tensor> counts;
-  for (const auto& b : batches) {
+  const size_t W = group ? size_t(group->size()) : 1, rank = group ? size_t(group->rank()) : 0;
+  for (size_t i = rank; i < batches.size(); i += W) {
+    const auto& b = batches[i];
     auto l = forward_losses(m, to_tensor(b, dev));
     const int64_t n = b.batch_size * b.seq_len;
     loss_sum += l.lm.item<double>() * double(n);
@@ -85,6 +92,17 @@ EvalResult evaluate(model::Transformer& m, const std::vector<Batch>& batches, co
     if (counts.empty()) counts.resize(l.routing.size());
     for (size_t i = 0; i < l.routing.size(); ++i)
       counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
+  }
+  if (group) {
+    const auto n_moe = m->moe_layer_indices().size();
+    const int64_t E = m->config().n_experts;
+    if (counts.empty()) counts.assign(n_moe, torch::zeros({E}, torch::TensorOptions().dtype(torch::kInt64).device(dev)));
+    std::vector<torch::Tensor> parts{torch::tensor({loss_sum, double(r.tokens)}, torch::kFloat64).to(dev)};
+    for (auto& c : counts) parts.push_back(c.to(torch::kFloat64));
+    auto all = group->sum(torch::cat(parts), "evaluation all-reduce").cpu();
+    loss_sum = all[0].item<double>();
+    r.tokens = int64_t(std::llround(all[1].item<double>()));
+    for (size_t i = 0; i < counts.size(); ++i) counts[i] = all.narrow(0, 2 + int64_t(i) * E, E).to(torch::kInt64);
   }
   r.loss = loss_sum / double(std::max<int64_t>(1, r.tokens));
   for (auto& c : counts) {
@@ -149,16 +167,40 @@ std::string latest_checkpoint(const std::string& out_dir) {
 PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   g_stop = false;
   const auto t_start = std::chrono::steady_clock::now();
-  const int threads = cfg.run.threads > 0 ? int(cfg.run.threads) : int(std::max(1u, std::thread::hardware_concurrency()));
+  // Data parallel (docs/distributed.md): WORLD_SIZE > 1 in the environment. The
+  // sampler, checkpoints and metrics are those of the global batch, so a run
+  // does not depend on the number of ranks; rank 0 writes every file.
+  const dist::Env denv = dist::env_from_environment();
+  const int64_t W = denv.world_size;
+  const bool root = denv.rank == 0;
+  // Ranks on one machine share its cores.
+  const int threads = cfg.run.threads > 0 ? int(cfg.run.threads)
+                                          : int(std::max(1u, std::thread::hardware_concurrency() /
+                                                                 unsigned(std::max(1, denv.local_world_size))));
   torch::set_num_threads(threads);
   if (cfg.run.device == "cuda" && !torch::cuda::is_available())
     throw Error("run.device = \"cuda\" but this build/machine has no CUDA device");
-  const torch::Device dev(cfg.run.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  const torch::Device dev(cfg.run.device == "cuda" ? torch::kCUDA : torch::kCPU, cfg.run.device == "cuda" && W > 1 ? int8_t(denv.local_rank) : int8_t(-1));
   torch::manual_seed(uint64_t(cfg.run.seed));
+  const int64_t micro = cfg.train.micro_batch_size > 0 ? cfg.train.micro_batch_size : cfg.train.batch_size;
+  std::shared_ptr<dist::Group> group;
+  if (W > 1) {
+    // batch_size and micro_batch_size are global: every rank runs 1/W of each micro-batch.
+    if (micro % W != 0)
+      throw Error("train.micro_batch_size (or batch_size) = " + std::to_string(micro) +
+                  " is not divisible by WORLD_SIZE = " + std::to_string(W) +
+                  "; batch sizes are global, each rank takes an equal share of every micro-batch");
+    if (!root) log::set_quiet(true);
+    group = dist::Group::create(denv, dev);
+    log::info("data parallel: " + std::to_string(W) + " ranks on " + group->backend() + " via " + denv.master_addr +
+              ":" + std::to_string(denv.master_port));
+  }
 
   const fs::path out(cfg.run.out_dir);
-  fs::create_directories(out / "checkpoints");
-  write_effective_config(cfg, (out / "config.toml").string());
+  if (root) {
+    fs::create_directories(out / "checkpoints");
+    write_effective_config(cfg, (out / "config.toml").string());
+  }
 
   // --- data -----------------------------------------------------------------
   const auto& d = cfg.data;
@@ -214,10 +256,31 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
               cfg.train.init_from);
   }
 
+  // Every rank starts from rank 0's weights (they are equal already when
+  // seeded alike or loaded from one checkpoint; this makes it a fact).
+  std::unique_ptr<dist::GradReducer> reducer;
+  if (group) {
+    dist::broadcast_module(*group, *m);
+    const char* mb = std::getenv("MOECPT_DDP_BUCKET_MB");
+    const char* ov = std::getenv("MOECPT_DDP_OVERLAP");
+    const int64_t bucket_bytes = int64_t((mb && *mb ? std::atof(mb) : 25.0) * 1024 * 1024);
+    const bool overlap = !(ov && std::string(ov) == "0");
+    reducer = std::make_unique<dist::GradReducer>(group, m->parameters(), std::max<int64_t>(bucket_bytes, 1), overlap);
+    log::info("gradient all-reduce: " + std::to_string(reducer->n_buckets()) + " bucket(s), " +
+              (overlap ? "overlapped with backward" : "after backward"));
+  }
+  // Global top-k aux loss: routers sum their f_i counts over ranks (training forward only).
+  auto set_dp_sum = [&](bool on) {
+    if (!group) return;
+    for (auto& r : m->routers())
+      r->dp_sum = on ? std::function<torch::Tensor(const torch::Tensor&)>(
+                           [g = group.get()](const torch::Tensor& t) { return g->sum(t, "aux-loss statistics all-reduce"); })
+                     : nullptr;
+  };
+
   const auto params = model::count_params(cfg.model);
   const int64_t flops_per_token = model::train_flops_per_token(cfg.model);
   const int64_t tokens_per_step = cfg.train.batch_size * cfg.model.seq_len;
-  const int64_t micro = cfg.train.micro_batch_size > 0 ? cfg.train.micro_batch_size : cfg.train.batch_size;
   const int64_t n_micro = cfg.train.batch_size / micro;
   const int64_t anneal_at = anneal_start_step(cfg.schedule, cfg.train.steps);
   log::info(cfg.run.name + ": " + std::to_string(params.total) + " params (" + std::to_string(params.active) +
@@ -227,7 +290,9 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
 
   // Metrics: one JSON object per line. On resume, drop lines past the checkpoint.
   const std::string metrics_path = (out / "metrics.jsonl").string();
-  if (start_step > 0 && fs::exists(metrics_path)) {
+  if (!root) {
+    // Only rank 0 writes metrics; the other ranks' stream stays closed.
+  } else if (start_step > 0 && fs::exists(metrics_path)) {
     std::ifstream in(metrics_path);
     std::string kept, line;
     while (std::getline(in, line))
@@ -236,12 +301,13 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   } else {
     write_file_atomic(metrics_path, "");
   }
-  std::ofstream metrics(metrics_path, std::ios::app);
+  std::ofstream metrics;
+  if (root) metrics.open(metrics_path, std::ios::app);
 
   PhaseSummary summary;
   auto run_eval = [&](int64_t step) {
     std::map<std::string, EvalResult> res;
-    for (const auto& [name, batches] : val_sets) res[name] = evaluate(m, batches, dev);
+    for (const auto& [name, batches] : val_sets) res[name] = evaluate(m, batches, dev, group.get());
     json line = {{"step", step}, {"kind", "eval"}, {"eval", eval_json(res)}};
     metrics << line.dump() << "\n" << std::flush;
     std::string msg = "eval @" + std::to_string(step) + ":";
@@ -250,6 +316,15 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     return res;
   };
   json initial_eval = resumed_state.value("initial_eval", json::object());
+  // Ranks hold bitwise-equal weights (same averaged gradients, same updates);
+  // checked before every checkpoint so a broken invariant cannot go unnoticed.
+  auto check_in_sync = [&] {
+    if (!group) return;
+    const double div = dist::max_param_divergence(*group, *m);
+    if (div > 0)
+      throw Error("rank " + std::to_string(denv.rank) + ": weights differ from rank 0's (fingerprint difference " +
+                  std::to_string(div) + "); data-parallel ranks must stay identical");
+  };
   auto trainer_state = [&](int64_t step) {
     return json{{"step", step}, {"sampler", to_json(sampler.state())}, {"run", cfg.run.name},
                 {"initial_eval", initial_eval}};
@@ -257,6 +332,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   // A step checkpoint, then prune the oldest beyond keep_last.
   auto checkpoint = [&](int64_t step) {
     const std::string dir = step_dir(out, step);
+    check_in_sync();
+    if (!root) return dir;
     save_checkpoint(dir, *m, optimizer.get(), trainer_state(step), cfg);
     auto all = step_checkpoints(out);
     for (size_t i = 0; i + size_t(cfg.train.keep_last) < all.size(); ++i) fs::remove_all(all[i].second);
@@ -282,10 +359,15 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   double loss_ema = 0;
   int64_t step = start_step;
   std::string last_good = resume_dir.empty() ? cfg.train.init_from : resume_dir;
-  auto should_stop = [&] { return g_stop || (opts.stop_after > 0 && step >= opts.stop_after); };
+  // Data parallel: a stop request (signal) on any rank is summed with the step's
+  // statistics, so all ranks stop after the same step.
+  bool stop_agreed = false;
+  auto should_stop = [&] {
+    return (group ? stop_agreed : g_stop.load()) || (opts.stop_after > 0 && step >= opts.stop_after);
+  };
   while (step < cfg.train.steps && !should_stop()) {
     if (step == anneal_at) {  // weights before the final anneal: CPT with the infinite schedule starts here
-      save_checkpoint((out / "checkpoints" / "pre_anneal").string(), *m, optimizer.get(), trainer_state(step), cfg);
+      if (root) save_checkpoint((out / "checkpoints" / "pre_anneal").string(), *m, optimizer.get(), trainer_state(step), cfg);
       log::info("kept the pre-anneal checkpoint at step " + std::to_string(step));
     }
     const double lr = learning_rate(cfg.schedule, cfg.optim, step, cfg.train.steps);
@@ -295,12 +377,19 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     optimizer->zero_grad();
     double lm = 0, aux = 0, z = 0;
     std::vector<torch::Tensor> counts;  // per MoE layer, summed over micro-batches
+    set_dp_sum(true);
     for (int64_t mb = 0; mb < n_micro; ++mb) {
       std::optional<compat::Autocast> autocast;
       if (cfg.run.dtype == "bfloat16") autocast.emplace(dev);
-      auto l = forward_losses(m, n_micro == 1 ? windows : windows.narrow(0, mb * micro, micro));
+      auto rows = n_micro == 1 ? windows : windows.narrow(0, mb * micro, micro);
+      // Data parallel: this rank's rows of the global micro-batch, strided
+      // (rank, rank+W, …) so replay rows (the batch's last) spread over ranks.
+      if (group) rows = rows.slice(0, denv.rank, micro, W).contiguous();
+      auto l = forward_losses(m, rows);
       autocast.reset();
-      // Equal-sized micro-batches: the mean of their losses is the batch loss.
+      if (reducer && mb == n_micro - 1) reducer->arm();
+      // Equal-sized micro-batches: the mean of their losses is the batch loss
+      // (and with W ranks, the mean over ranks after the gradient all-reduce).
       ((l.lm + l.aux + l.z) / double(n_micro)).backward();
       lm += l.lm.item<double>() / double(n_micro);
       aux += l.aux.item<double>() / double(n_micro);
@@ -309,9 +398,27 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       for (size_t i = 0; i < l.routing.size(); ++i)
         counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
     }
+    set_dp_sum(false);
+    if (group) {
+      reducer->finish();  // gradients = mean over ranks
+      // Losses (mean over ranks of equal-sized shares), routed-slot counts (sum)
+      // and stop requests in one all-reduce: every rank sees the global values.
+      std::vector<torch::Tensor> parts{torch::tensor({lm, aux, z, g_stop ? 1.0 : 0.0}, torch::kFloat64).to(dev)};
+      for (auto& c : counts) parts.push_back(c.to(torch::kFloat64));
+      auto all = group->sum(torch::cat(parts), "step statistics all-reduce").cpu();
+      lm = all[0].item<double>() / double(W);
+      aux = all[1].item<double>() / double(W);
+      z = all[2].item<double>() / double(W);
+      stop_agreed = all[3].item<double>() > 0;
+      int64_t off = 4;
+      for (auto& c : counts) {
+        c = all.narrow(0, off, c.numel()).to(torch::kInt64).to(dev);
+        off += c.numel();
+      }
+    }
     if (!std::isfinite(lm) || !std::isfinite(aux) || !std::isfinite(z)) {
       if (cfg.train.on_nonfinite == "skip") {
-        log::warn("non-finite loss at step " + std::to_string(step + 1) + ": batch skipped");
+        if (root) log::warn("non-finite loss at step " + std::to_string(step + 1) + ": batch skipped");
         optimizer->zero_grad();
         ++step;
         continue;
@@ -383,7 +490,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   }
   checkpoint(step);
   summary.final_eval = run_eval(step);
-  save_checkpoint((out / "checkpoints" / "final").string(), *m, nullptr, trainer_state(step), cfg);
+  if (root) save_checkpoint((out / "checkpoints" / "final").string(), *m, nullptr, trainer_state(step), cfg);
   summary.tokens = step * tokens_per_step;
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   json sj = {{"run", cfg.run.name},
@@ -396,7 +503,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
              {"final_train_loss", summary.final_train_loss},
              {"initial_eval", initial_eval},
              {"final_eval", eval_json(summary.final_eval)}};
-  write_file_atomic((out / "summary.json").string(), sj.dump(2) + "\n");
+  if (root) write_file_atomic((out / "summary.json").string(), sj.dump(2) + "\n");
   return summary;
 }
 

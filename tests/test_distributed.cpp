@@ -1,0 +1,311 @@
+// Data parallel on c10d/Gloo (docs/distributed.md): W processes on 127.0.0.1
+// with a global batch of 2B (B per rank) train exactly what one process with
+// batch 2B trains — per-step losses, aux losses, routed loads and evaluation
+// agree to floating-point tolerance — for dense, top-k (Z+Aux, whose aux loss
+// must be the global one) and aux-loss-free MoE; a checkpoint written by 2 ranks
+// resumes in 1 process; a rank that dies fails the job with a clear message.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "data/shard.h"
+#include "test_util.h"
+
+namespace moecpt {
+namespace {
+
+using nlohmann::json;
+
+// Two learnable "domains": d0 counts up by 1, d1 by 3 (mod 60).
+void write_domain(const std::string& dir, uint32_t step) {
+  std::filesystem::create_directories(dir);
+  for (const char* split : {"train", "val"}) {
+    std::vector<uint32_t> toks;
+    std::vector<uint64_t> offs = {0};
+    for (int doc = 0; doc < 40; ++doc) {
+      uint32_t t = uint32_t(doc * 7 % 60) + 2;
+      for (int i = 0; i < 60; ++i) toks.push_back(2 + (t - 2 + step * uint32_t(i)) % 60);
+      toks.push_back(1);
+      offs.push_back(toks.size());
+    }
+    write_shard(dir + "/" + split + ".bin", toks, offs, 64);
+  }
+}
+
+struct Fixture {
+  testing::TempDir dir;
+  std::string recipe;
+  explicit Fixture(const std::string& ffn) {
+    write_domain(dir / "d0", 1);
+    write_domain(dir / "d1", 3);
+    recipe = dir / "r.toml";
+    testing::write_text(recipe, R"(
+[run]
+threads = 1
+[model]
+vocab_size = 64
+d_model = 32
+n_layers = 2
+n_heads = 2
+seq_len = 16
+ffn_hidden = 64
+ffn = ")" + ffn + R"("
+n_experts = 4
+n_shared_experts = 1
+top_k = 2
+expert_hidden = 16
+[router]
+aux_alpha = 0.1
+[optim]
+lr = 1e-2
+min_lr = 1e-3
+[train]
+steps = 20
+batch_size = 8
+log_every = 100
+eval_every = 10
+eval_batches = 3
+[data]
+shard_dir = ")" + dir.path().string() + R"("
+train = ["d0"]
+replay = ["d1"]
+replay_fraction = 0.25
+validation = ["d0", "d1"]
+)");
+  }
+  std::string train_args(const std::string& out, const std::string& extra = "") const {
+    return "train -c " + recipe + " --set run.out_dir=\"" + (dir / out) + "\" " + extra;
+  }
+};
+
+std::vector<json> metric_lines(const std::string& path, const std::string& kind) {
+  std::ifstream in(path);
+  std::vector<json> out;
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) {
+      auto j = json::parse(line);
+      if (j["kind"] == kind) out.push_back(j);
+    }
+  return out;
+}
+
+// Per-step train metrics of two runs agree: losses to `tol`, loads/MRI to `tol`.
+void expect_same_training(const std::string& ref_metrics, const std::string& dp_metrics, int steps, double tol) {
+  auto a = metric_lines(ref_metrics, "train"), b = metric_lines(dp_metrics, "train");
+  ASSERT_EQ(a.size(), size_t(steps)) << ref_metrics;
+  ASSERT_EQ(b.size(), size_t(steps)) << dp_metrics;
+  for (int i = 0; i < steps; ++i) {
+    SCOPED_TRACE("step " + std::to_string(i + 1));
+    EXPECT_EQ(a[i]["step"], b[i]["step"]);
+    EXPECT_EQ(a[i]["tokens"], b[i]["tokens"]);
+    for (const char* k : {"loss", "aux_loss", "z_loss", "grad_norm"})
+      EXPECT_NEAR(a[i][k].get<double>(), b[i][k].get<double>(), tol * (1 + std::abs(a[i][k].get<double>()))) << k;
+    ASSERT_EQ(a[i].contains("loads"), b[i].contains("loads"));
+    if (!a[i].contains("loads")) continue;
+    for (size_t l = 0; l < a[i]["loads"].size(); ++l)
+      for (size_t e = 0; e < a[i]["loads"][l].size(); ++e)
+        EXPECT_NEAR(a[i]["loads"][l][e].get<double>(), b[i]["loads"][l][e].get<double>(), 1e-9)
+            << "layer " << l << " expert " << e;
+  }
+  auto ea = metric_lines(ref_metrics, "eval"), eb = metric_lines(dp_metrics, "eval");
+  ASSERT_EQ(ea.size(), eb.size());
+  for (size_t i = 0; i < ea.size(); ++i)
+    for (const char* set : {"d0", "d1"}) {
+      EXPECT_NEAR(ea[i]["eval"][set]["loss"].get<double>(), eb[i]["eval"][set]["loss"].get<double>(), tol * 5);
+      EXPECT_EQ(ea[i]["eval"][set]["tokens"], eb[i]["eval"][set]["tokens"]);
+    }
+}
+
+// The loss must actually move, or agreeing would prove little.
+void expect_learning(const std::string& metrics) {
+  auto a = metric_lines(metrics, "train");
+  ASSERT_FALSE(a.empty());
+  EXPECT_LT(a.back()["loss"].get<double>(), a.front()["loss"].get<double>() - 0.5);
+}
+
+void data_parallel_equals_one_process(const std::string& ffn, const std::string& extra) {
+  Fixture f(ffn);
+  auto one = testing::run_moecpt(f.train_args("one", extra));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  auto two = testing::run_moecpt("launch --nproc 2 -- " + f.train_args("two", extra));
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  EXPECT_NE(two.output.find("data parallel: 2 ranks on gloo"), std::string::npos) << two.output;
+  expect_learning(f.dir / "one/metrics.jsonl");
+  expect_same_training(f.dir / "one/metrics.jsonl", f.dir / "two/metrics.jsonl", 20, 2e-4);
+  // Rank 0 alone wrote the outputs; the checkpoint holds the global sampler state.
+  auto s1 = json::parse(testing::read_text(f.dir / "one/checkpoints/final/trainer.json"));
+  auto s2 = json::parse(testing::read_text(f.dir / "two/checkpoints/final/trainer.json"));
+  EXPECT_EQ(s1["sampler"], s2["sampler"]);
+}
+
+TEST(Distributed, TwoRanksEqualOneProcessDense) { data_parallel_equals_one_process("dense", ""); }
+
+TEST(Distributed, TwoRanksEqualOneProcessTopKMoEWithGlobalAuxLoss) {
+  data_parallel_equals_one_process("moe", "");
+}
+
+TEST(Distributed, TwoRanksEqualOneProcessAuxFreeMoEWithMicroBatches) {
+  // Bias router: the bias update must use the global loads; micro-batches are global too.
+  data_parallel_equals_one_process("moe", "--set router.type=bias --set router.bias_gamma=0.01 "
+                                          "--set train.micro_batch_size=4");
+}
+
+TEST(Distributed, CheckpointOfTwoRanksResumesInOneProcess) {
+  Fixture f("moe");
+  auto ref = testing::run_moecpt(f.train_args("ref"));
+  ASSERT_EQ(ref.exit_code, 0) << ref.output;
+  auto two = testing::run_moecpt("launch --nproc 2 -- " + f.train_args("run", "--stop-after 10"));
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  ASSERT_TRUE(std::filesystem::exists(f.dir / "run/checkpoints/step-00000010/trainer.json")) << two.output;
+  auto one = testing::run_moecpt(f.train_args("run", "--resume"));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  EXPECT_NE(one.output.find("resumed"), std::string::npos) << one.output;
+  // Steps 1–10 from 2 ranks, 11–20 from 1 process: together the 1-process run.
+  expect_same_training(f.dir / "ref/metrics.jsonl", f.dir / "run/metrics.jsonl", 20, 2e-4);
+}
+
+TEST(Distributed, BatchNotDivisibleByRanksIsRefused) {
+  Fixture f("dense");
+  auto r = testing::run_moecpt("launch --nproc 3 -- " + f.train_args("x"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("not divisible by WORLD_SIZE = 3"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("launch: the job failed: rank"), std::string::npos) << r.output;
+}
+
+// Start `moecpt <args>` in the background, stdout+stderr to `log`, with extra environment.
+pid_t spawn(const std::vector<std::string>& args, const std::vector<std::pair<std::string, std::string>>& env,
+            const std::string& log) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+    FILE* f = std::freopen(log.c_str(), "w", stdout);
+    if (f == nullptr) ::_exit(126);
+    ::dup2(1, 2);
+    std::vector<char*> argv{const_cast<char*>(MOECPT_BINARY)};
+    for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    ::execv(MOECPT_BINARY, argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+// Wait for `pid` at most `seconds`; returns the wait status, or -1 on timeout (then kills it).
+int wait_for(pid_t pid, int seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    int status = 0;
+    if (::waitpid(pid, &status, WNOHANG) == pid) return status;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  return -1;
+}
+
+bool wait_for_train_lines(const std::string& metrics, int n, int seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  while (std::chrono::steady_clock::now() < deadline) {
+    const std::string m = testing::read_text(metrics);
+    if (std::count(m.begin(), m.end(), '\n') >= n) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
+std::vector<std::string> split_args(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s) {
+    if (c == ' ') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else if (c != '"') {
+      cur += c;
+    }
+  }
+  if (!cur.empty()) out.push_back(cur);
+  return out;
+}
+
+// torchrun-style: two `moecpt train` processes with RANK/WORLD_SIZE/MASTER_*.
+// SIGKILL of rank 1 mid-run: rank 0 stops with an error naming the failed
+// collective instead of hanging (its socket to rank 1 closes).
+TEST(Distributed, KilledRankFailsTheOtherWithAClearMessage) {
+  Fixture f("moe");
+  const auto args = split_args(f.train_args("run", "--set train.steps=100000 --set train.eval_every=0"));
+  const std::string port = std::to_string(20000 + ::getpid() % 20000);
+  auto env = [&](int rank) {
+    return std::vector<std::pair<std::string, std::string>>{
+        {"RANK", std::to_string(rank)}, {"WORLD_SIZE", "2"},     {"LOCAL_RANK", std::to_string(rank)},
+        {"MASTER_ADDR", "127.0.0.1"},   {"MASTER_PORT", port}, {"MOECPT_DIST_TIMEOUT_S", "60"}};
+  };
+  const pid_t r0 = spawn(args, env(0), f.dir / "rank0.log");
+  const pid_t r1 = spawn(args, env(1), f.dir / "rank1.log");
+  const bool started = wait_for_train_lines(f.dir / "run/metrics.jsonl", 3, 120);
+  ::kill(r1, SIGKILL);
+  ::waitpid(r1, nullptr, 0);
+  ASSERT_TRUE(started) << testing::read_text(f.dir / "rank0.log") << testing::read_text(f.dir / "rank1.log");
+  const int status = wait_for(r0, 50);  // well under the 60 s collective timeout: no timeout needed
+  const std::string log0 = testing::read_text(f.dir / "rank0.log");
+  ASSERT_NE(status, -1) << "rank 0 hung after rank 1 died:\n" << log0;
+  ASSERT_TRUE(WIFEXITED(status)) << log0;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << log0;
+  EXPECT_NE(log0.find("error: rank 0 of 2:"), std::string::npos) << log0;
+  EXPECT_NE(log0.find("another rank died or stopped answering"), std::string::npos) << log0;
+}
+
+// `moecpt launch`: one rank killed, the launcher stops the rest and fails naming it.
+TEST(Distributed, LauncherFailsTheJobWhenARankDies) {
+  Fixture f("dense");
+  auto args = split_args("launch --nproc 2 -- " + f.train_args("run", "--set train.steps=100000 --set train.eval_every=0"));
+  const pid_t launcher = spawn(args, {}, f.dir / "launch.log");
+  const bool started = wait_for_train_lines(f.dir / "run/metrics.jsonl", 3, 120);
+  std::string log = testing::read_text(f.dir / "launch.log");
+  // "launch: 2 ranks on 127.0.0.1:PORT (pids A B)"
+  const auto at = log.find("(pids ");
+  ASSERT_TRUE(started && at != std::string::npos) << log;
+  int pid0 = 0, pid1 = 0;
+  ASSERT_EQ(std::sscanf(log.c_str() + at, "(pids %d %d)", &pid0, &pid1), 2) << log;
+  ::kill(pid1, SIGKILL);
+  const int status = wait_for(launcher, 60);
+  log = testing::read_text(f.dir / "launch.log");
+  ASSERT_NE(status, -1) << "the launcher hung after a rank died:\n" << log;
+  ASSERT_TRUE(WIFEXITED(status)) << log;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << log;
+  EXPECT_NE(log.find("launch: the job failed: rank 1 (pid " + std::to_string(pid1) + ") was killed by signal 9"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(::kill(pid0, 0), 0) << "rank 0 outlived the failed job";
+}
+
+// SIGTERM to the launcher is forwarded: all ranks stop after the same step,
+// rank 0 checkpoints, every process exits 0, and --resume on 2 ranks finishes.
+TEST(Distributed, SignalToLauncherStopsAllRanksAtOneStep) {
+  Fixture f("moe");
+  const std::string extra = "--set train.steps=150 --set train.eval_every=0";
+  auto args = split_args("launch --nproc 2 -- " + f.train_args("run", extra));
+  const pid_t launcher = spawn(args, {}, f.dir / "launch.log");
+  ASSERT_TRUE(wait_for_train_lines(f.dir / "run/metrics.jsonl", 4, 120)) << testing::read_text(f.dir / "launch.log");
+  ::kill(launcher, SIGTERM);
+  const int status = wait_for(launcher, 60);
+  const std::string log = testing::read_text(f.dir / "launch.log");
+  ASSERT_NE(status, -1) << log;
+  ASSERT_TRUE(WIFEXITED(status)) << log;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << log;
+  EXPECT_NE(log.find("stopped at step"), std::string::npos) << log;
+  auto r = testing::run_moecpt("launch --nproc 2 -- " + f.train_args("run", extra + " --resume"));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(metric_lines(f.dir / "run/metrics.jsonl", "train").size(), 150u);
+}
+
+}  // namespace
+}  // namespace moecpt
