@@ -269,9 +269,14 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     log::info("gradient all-reduce: " + std::to_string(reducer->n_buckets()) + " bucket(s), " +
               (overlap ? "overlapped with backward" : "after backward"));
   }
-  // Global top-k aux loss: routers sum their f_i counts over ranks (training forward only).
+  // Global top-k aux loss: routers sum their f_i counts over ranks (training
+  // forward only). MOECPT_DP_AUX=local keeps each rank's own f_i instead (the
+  // per-rank definition of other frameworks; for comparisons, docs/distributed.md).
+  const char* aux_mode = std::getenv("MOECPT_DP_AUX");
+  const bool local_aux = aux_mode && std::string(aux_mode) == "local";
+  if (group && local_aux) log::info("MOECPT_DP_AUX=local: aux loss from each rank's own f_i (not the global batch's)");
   auto set_dp_sum = [&](bool on) {
-    if (!group) return;
+    if (!group || local_aux) return;
     for (auto& r : m->routers())
       r->dp_sum = on ? std::function<torch::Tensor(const torch::Tensor&)>(
                            [g = group.get()](const torch::Tensor& t) { return g->sum(t, "aux-loss statistics all-reduce"); })
