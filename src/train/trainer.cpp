@@ -382,6 +382,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     optimizer->zero_grad();
     double lm = 0, aux = 0, z = 0;
     std::vector<torch::Tensor> counts;  // per MoE layer, summed over micro-batches
+    std::vector<int64_t> sk_iters;  // Sinkhorn convergence per MoE layer (last micro-batch)
+    std::vector<double> sk_error;
     set_dp_sum(true);
     for (int64_t mb = 0; mb < n_micro; ++mb) {
       std::optional<compat::Autocast> autocast;
@@ -402,6 +404,9 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       if (counts.empty()) counts.resize(l.routing.size());
       for (size_t i = 0; i < l.routing.size(); ++i)
         counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
+      sk_iters.clear(), sk_error.clear();
+      for (const auto& r : l.routing)
+        if (r.sinkhorn_iters >= 0) sk_iters.push_back(r.sinkhorn_iters), sk_error.push_back(r.sinkhorn_error);
     }
     set_dp_sum(false);
     if (group) {
@@ -464,6 +469,13 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       }
       line["mri"] = mri;
       line["loads"] = loads;
+    }
+    // Sinkhorn: how well the balancing converged (every log_every steps); "mri" above is
+    // then the MRI of the balanced choice, to compare with its ideal k/E.
+    if (!sk_iters.empty() && (step % cfg.train.log_every == 0 || step == cfg.train.steps)) {
+      line["sinkhorn_iters"] = sk_iters;
+      line["sinkhorn_error"] = sk_error;
+      line["mri_ideal"] = double(cfg.model.top_k) / double(cfg.model.n_experts);
     }
     metrics << line.dump() << "\n";
     if (step % cfg.train.log_every == 0 || step == cfg.train.steps) {
