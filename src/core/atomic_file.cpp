@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>  // renameat2, RENAME_EXCHANGE (glibc >= 2.28)
 #include <cstring>
 #include <filesystem>
 #include <streambuf>
@@ -168,6 +169,13 @@ std::string read_file(const std::string& path) {
   return out;
 }
 
+void create_directories_or_throw(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw file_error(dir, "cannot create directory: " + ec.message());
+  if (!fs::is_directory(dir, ec)) throw file_error(dir, "cannot create directory: a file of that name exists");
+}
+
 void fsync_directory(const std::string& dir) {
   int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return;
@@ -187,6 +195,22 @@ void commit_directory_atomic(const std::string& tmp_dir, const std::string& fina
 
   std::string aside;
   if (fs::exists(fs::symlink_status(final_clean, ec))) {
+    // Swap both names in one step (Linux renameat2): `final_dir` is the old
+    // complete copy or the new complete copy at every instant, even if the
+    // process is killed. The old copy ends up under the temp name.
+    if (::renameat2(AT_FDCWD, tmp_dir.c_str(), AT_FDCWD, final_clean.c_str(), RENAME_EXCHANGE) == 0) {
+      fsync_directory(parent_dir_of(final_clean));
+      fs::remove_all(tmp_dir, ec);
+      if (ec)
+        throw file_error(tmp_dir, "committed '" + final_dir + "' but cannot remove the previous copy: " +
+                                      ec.message());
+      return;
+    }
+    if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) {
+      int err = errno;
+      throw file_error(final_dir, "cannot swap '" + tmp_dir + "' into place: " + errno_text(err));
+    }
+    // Filesystem without RENAME_EXCHANGE: move the old copy aside first.
     aside = final_clean + ".old." + std::to_string(::getpid());
     fs::remove_all(aside, ec);  // leftover from an earlier crash of this pid
     if (::rename(final_clean.c_str(), aside.c_str()) != 0) {

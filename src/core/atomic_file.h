@@ -25,12 +25,18 @@ void write_file_atomic(const std::string& path,
 std::string read_file(const std::string& path);
 
 // Move a fully written temp directory into place as `final_dir`. If
-// `final_dir` exists it is first renamed aside (`<final_dir>.old.<pid>`),
+// `final_dir` exists, both are swapped atomically (renameat2 RENAME_EXCHANGE)
+// and the old copy is deleted. Where the filesystem cannot swap, it is first
+// renamed aside (`<final_dir>.old.<pid>`),
 // then `tmp_dir` is renamed to `final_dir`, and only after that succeeds is
 // the old copy removed (on failure the old copy is renamed back). The parent
 // directory is fsync'ed so the rename is durable. Both directories must be on
 // the same filesystem (normally siblings).
 void commit_directory_atomic(const std::string& tmp_dir, const std::string& final_dir);
+
+// std::filesystem::create_directories, but failures are a moecpt::Error
+// "<dir>: cannot create directory: <reason>" (e.g. a path under a regular file).
+void create_directories_or_throw(const std::string& dir);
 
 // fsync a directory (so renames/creates in it survive a crash). Best effort:
 // filesystems that cannot fsync directories are silently accepted.

@@ -2,6 +2,7 @@
 
 #include <charconv>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <set>
 #include <sstream>
@@ -226,7 +227,82 @@ void merge_into(toml::table& base, const toml::table& over) {
   }
 }
 
+// toml++ 3.3 (Debian 12's, and the bundled fallback) reaches
+// __builtin_unreachable() -- undefined behaviour, found by fuzz/fuzz_config.cpp
+// with UBSan -- when it tests some non-ASCII code points (U+00A1..U+0499,
+// U+2D6E..U+3167) for being whitespace: wherever a token may start, and in
+// multi-line basic strings right after a backslash. Valid TOML has non-ASCII
+// text only inside strings and comments, so those places are checked here first
+// and refused with a clear error. Returns "" or "<line>:<column>: invalid TOML: <problem>".
+std::string unsafe_toml_text(const std::string& text) {
+  enum { kNormal, kComment, kBasic, kLiteral, kMlBasic, kMlLiteral } st = kNormal;
+  size_t line = 1, col = 1;
+  auto at = [&](const std::string& what) {
+    return std::to_string(line) + ":" + std::to_string(col) + ": invalid TOML: " + what;
+  };
+  auto starts = [&](size_t i, const char* s) { return text.compare(i, std::strlen(s), s) == 0; };
+  for (size_t i = 0; i < text.size(); ++i, ++col) {
+    const unsigned char c = static_cast<unsigned char>(text[i]);
+    if (c == '\n') {
+      if (st == kComment || st == kBasic || st == kLiteral) st = kNormal;
+      ++line;
+      col = 0;
+      continue;
+    }
+    switch (st) {
+      case kNormal:
+        if (c >= 0x80) return at("non-ASCII character outside a string or comment");
+        if (c == '#') {
+          st = kComment;
+        } else if (starts(i, "\"\"\"")) {
+          st = kMlBasic, i += 2, col += 2;
+        } else if (starts(i, "'''")) {
+          st = kMlLiteral, i += 2, col += 2;
+        } else if (c == '"') {
+          st = kBasic;
+        } else if (c == '\'') {
+          st = kLiteral;
+        }
+        break;
+      case kComment:
+        break;
+      case kBasic:
+        if (c == '\\' && i + 1 < text.size() && text[i + 1] != '\n') ++i, ++col;
+        else if (c == '"') st = kNormal;
+        break;
+      case kLiteral:
+        if (c == '\'') st = kNormal;
+        break;
+      case kMlLiteral:
+        if (starts(i, "'''")) st = kNormal, i += 2, col += 2;
+        break;
+      case kMlBasic:
+        if (starts(i, "\"\"\"")) {
+          st = kNormal, i += 2, col += 2;
+        } else if (c == '\\' && i + 1 < text.size()) {
+          size_t j = i + 1;
+          ++col;
+          if (static_cast<unsigned char>(text[j]) >= 0x80) return at("non-ASCII character after a backslash");
+          // Line-ending backslash: toml++ skips the whitespace after it and tests the next character.
+          const bool ws = text[j] == ' ' || text[j] == '\t' || text[j] == '\r' || text[j] == '\n';
+          while (ws && j < text.size() && (text[j] == ' ' || text[j] == '\t' || text[j] == '\r' || text[j] == '\n')) {
+            if (text[j] == '\n') ++line, col = 0;
+            ++j, ++col;
+          }
+          if (ws && j < text.size() && static_cast<unsigned char>(text[j]) >= 0x80)
+            return at("non-ASCII character right after a line-ending backslash (unsupported; start the line with an "
+                      "ASCII character)");
+          i = ws ? j - 1 : j;
+          if (ws) --col;
+        }
+        break;
+    }
+  }
+  return "";
+}
+
 toml::table parse_toml(const std::string& text, const std::string& origin) {
+  if (const std::string bad = unsafe_toml_text(text); !bad.empty()) throw Error(origin + ":" + bad);
   try {
     return toml::parse(text, origin);
   } catch (const toml::parse_error& e) {
@@ -261,8 +337,9 @@ void apply_override(toml::table& root, const std::string& spec, Origin& origin) 
   // Parse the value as TOML; a bare word that is not valid TOML is a string.
   toml::table parsed;
   try {
+    if (!unsafe_toml_text("v = " + value).empty()) throw std::invalid_argument("not TOML");
     parsed = toml::parse("v = " + value);
-  } catch (const toml::parse_error&) {
+  } catch (const std::exception&) {  // toml::parse_error, or text toml++ must not see
     parsed = toml::table{{"v", value}};
   }
   toml::table* t = &root;

@@ -129,13 +129,15 @@ std::shared_ptr<const Shard> Shard::open(const std::string& path, bool verify) {
   s->offsets_ = reinterpret_cast<const uint64_t*>(p + kHeaderBytes + pad8(tok_bytes));
   if (s->offsets_[0] != 0 || s->offsets_[info.n_docs] != info.n_tokens)
     throw file_error(path, "corrupt shard: document offsets do not span the token stream");
+  // Offsets are checked even without `verify`: document() hands them to
+  // callers that index the token stream with them (cheap: 8 bytes per document).
+  for (uint64_t d = 0; d < info.n_docs; ++d)
+    if (s->offsets_[d] > s->offsets_[d + 1])
+      throw file_error(path, "corrupt shard: document offsets not increasing at document " + std::to_string(d));
   if (verify) {
     uint64_t c = fnv1a64(s->tokens_, tok_bytes);
     c = fnv1a64(s->offsets_, (info.n_docs + 1) * 8, c);
     if (c != info.checksum) throw file_error(path, "corrupt shard: checksum mismatch (file damaged or modified)");
-    for (uint64_t d = 0; d < info.n_docs; ++d)
-      if (s->offsets_[d] > s->offsets_[d + 1])
-        throw file_error(path, "corrupt shard: document offsets not increasing at document " + std::to_string(d));
     for (uint64_t i = 0; i < info.n_tokens; ++i)
       if (s->token(i) >= info.vocab_size)
         throw file_error(path, "corrupt shard: token " + std::to_string(i) + " has id " +
@@ -161,7 +163,9 @@ uint32_t Shard::token(uint64_t i) const {
 }
 
 void Shard::copy(uint64_t begin, uint64_t n, int64_t* out) const {
-  if (begin + n > info_.n_tokens) throw file_error(path_, "read past the end of the shard");
+  if (begin > info_.n_tokens || n > info_.n_tokens - begin)  // overflow-safe begin + n > n_tokens
+    throw file_error(path_, "read of tokens [" + std::to_string(begin) + ", +" + std::to_string(n) +
+                                ") past the end of the shard (" + std::to_string(info_.n_tokens) + " tokens)");
   for (uint64_t i = 0; i < n; ++i) out[i] = token(begin + i);
 }
 

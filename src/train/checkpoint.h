@@ -1,5 +1,9 @@
-// Checkpoints are directories, written to `<dir>.tmp` and renamed into place:
-//   model.safetensors   weights (names = the module's parameter/buffer names)
+// Checkpoints are directories, written to `<dir>.tmp` and renamed into place
+// (atomically, also over an existing checkpoint), so a checkpoint directory is
+// complete or absent, whenever the process dies. "*.tmp" leftovers are never
+// resumed from and are removed by the next save_checkpoint().
+//   model.safetensors   weights (names = the module's parameter/buffer names;
+//                       metadata "fnv1a64" = checksum of the tensor bytes, verified on load)
 //   optimizer.pt        AdamW state (LibTorch archive)
 //   trainer.json        step, phase, sampler state, RNG seed material
 //   config.toml         the effective config of the run that wrote it
@@ -14,6 +18,10 @@ namespace moecpt {
 
 void save_checkpoint(const std::string& dir, torch::nn::Module& model, torch::optim::Optimizer* optimizer,
                      const nlohmann::json& trainer_state, const Config& cfg);
+
+// Delete a checkpoint directory so that a crash midway never leaves a
+// half-deleted checkpoint under its name (it is renamed to "<dir>.tmp" first).
+void remove_checkpoint(const std::string& dir);
 
 // Load weights into `model`; every parameter and buffer must be present with
 // the right shape (errors name the checkpoint file and the tensor).
