@@ -198,7 +198,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
 
   const fs::path out(cfg.run.out_dir);
   if (root) {
-    fs::create_directories(out / "checkpoints");
+    create_directories_or_throw((out / "checkpoints").string());
     write_effective_config(cfg, (out / "config.toml").string());
   }
 
@@ -300,8 +300,10 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   } else if (start_step > 0 && fs::exists(metrics_path)) {
     std::ifstream in(metrics_path);
     std::string kept, line;
-    while (std::getline(in, line))
-      if (json::parse(line).value("step", int64_t(0)) <= start_step) kept += line + "\n";
+    while (std::getline(in, line)) {  // a run killed mid-write leaves a torn last line: dropped
+      const json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.value("step", int64_t(0)) <= start_step) kept += line + "\n";
+    }
     write_file_atomic(metrics_path, kept);
   } else {
     write_file_atomic(metrics_path, "");
@@ -341,7 +343,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     if (!root) return dir;
     save_checkpoint(dir, *m, optimizer.get(), trainer_state(step), cfg);
     auto all = step_checkpoints(out);
-    for (size_t i = 0; i + size_t(cfg.train.keep_last) < all.size(); ++i) fs::remove_all(all[i].second);
+    for (size_t i = 0; i + size_t(cfg.train.keep_last) < all.size(); ++i) remove_checkpoint(all[i].second);
     return dir;
   };
 
