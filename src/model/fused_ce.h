@@ -1,0 +1,40 @@
+// Output head + cross-entropy in one op, without the [N, V] logits in memory.
+//
+//   loss = mean_n ( logsumexp_v (x_n · w_v) − x_n · w_{t_n} )
+//
+// The rows are processed in chunks (a few MiB of logits each): logits, log-sum-exp, loss, and — since the loss is a scalar — the
+// gradients dL/dx = (softmax − onehot) W / N and dL/dW = (softmax − onehot)ᵀ x / N,
+// all in the forward pass. backward() only scales them by the incoming gradient.
+// This removes the eager path's full-size log_softmax, its backward, the
+// NLL-backward zero fill and ~3 × N·V·4 bytes of memory traffic and peak memory
+// (N·V = 2048 × 8192 = 64 MiB per copy on the mini models).
+//
+// Softmax and the loss are fp32. Under bf16 autocast the three matmuls run in
+// bf16 (like the unfused head would), accumulation of dL/dW in fp32.
+// Gradients are only computed when grad mode is on and x or w requires them.
+// Every target must be in [0, V) (no ignore index; checked only in debug use).
+#pragma once
+#include "core/pch.h"
+#include "model/transformer.h"
+
+namespace moecpt::model {
+
+// x_ND: hidden states (any leading dims flattened by the caller), w_VD: head
+// weight, targets_N: int64. chunk_rows = 0 picks max(256, 2^21 / V) rows per chunk.
+torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch::Tensor& w_VD,
+                                         const torch::Tensor& targets_N, int64_t chunk_rows = 0);
+
+// Transformer forward with the head and the cross-entropy against targets_BT
+// (int64 [B, T], all in [0, V)) fused: lm_loss is set, logits_BTV is not.
+// Same loss and gradients as cross_entropy(m.forward(tokens).logits_BTV);
+// aux_loss, z_loss and routing as forward(). (A free function on the module's
+// public parts so that adding it did not rebuild every user of transformer.h;
+// it belongs in TransformerImpl.)
+struct LossOutput {
+  torch::Tensor lm_loss;              // scalar mean next-token cross-entropy
+  torch::Tensor aux_loss, z_loss;     // as ModelOutput
+  std::vector<RoutingInfo> routing;   // as ModelOutput
+};
+LossOutput forward_loss(TransformerImpl& m, const torch::Tensor& tokens_BT, const torch::Tensor& targets_BT);
+
+}  // namespace moecpt::model

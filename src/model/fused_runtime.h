@@ -1,0 +1,34 @@
+// Runtime settings of the fast CPU path (docs/performance.md), next to the
+// LibTorch 1.13/2.x wrappers of model/torch_compat.h (to move there the next
+// time that header changes anyway: touching it rebuilds most of the project).
+#pragma once
+#include <ATen/autocast_mode.h>
+#include <dlfcn.h>
+
+#include "model/torch_compat.h"
+
+namespace moecpt::compat {
+
+// Threads of the BLAS library under ATen's matmuls, if it is OpenBLAS (Debian's
+// LibTorch calls the pthread build): its own thread pool spins beside ATen's
+// OpenMP threads and, on 2 vCPUs, made attention's bmm up to 90x slower
+// (docs/performance.md). 1 thread loses nothing there (the two vCPUs share a
+// core's FMA units). Returns false when no OpenBLAS is loaded (e.g. MKL wheels).
+inline bool set_blas_threads(int n) {
+  using SetThreads = void (*)(int);
+  auto fn = reinterpret_cast<SetThreads>(::dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  if (fn == nullptr) return false;
+  fn(n);
+  return true;
+}
+
+// Whether autocast is on for `device`'s type (the dtype is bf16 when we set it).
+inline bool autocast_enabled(const torch::Device& device) {
+#if MOECPT_TORCH_AT_LEAST(2, 4)
+  return at::autocast::is_autocast_enabled(device.type());
+#else
+  return device.is_cpu() ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+#endif
+}
+
+}  // namespace moecpt::compat

@@ -1,0 +1,117 @@
+// The fused output head + cross-entropy (model/fused_ce.h) against the unfused
+// reference (logits = x Wᵀ, then cross_entropy), and finite differences.
+#include <gtest/gtest.h>
+
+#include "gradcheck.h"
+
+#include "model/fused_ce.h"
+#include "model/torch_compat.h"
+#include "model/transformer.h"
+
+using namespace moecpt;
+using namespace moecpt::model;
+
+namespace {
+
+torch::Tensor reference_ce(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& t) {
+  return torch::cross_entropy_loss(torch::mm(x, w.t()), t);
+}
+
+}  // namespace
+
+TEST(FusedLinearCrossEntropy, LossAndGradientsEqualUnfusedForEveryChunking) {
+  torch::manual_seed(3);
+  const int64_t N = 37, D = 8, V = 29;
+  auto x0 = torch::randn({N, D}, torch::kFloat64), w0 = torch::randn({V, D}, torch::kFloat64);
+  auto t = torch::randint(V, {N}, torch::kInt64);
+  auto xr = x0.clone().requires_grad_(), wr = w0.clone().requires_grad_();
+  auto ref = reference_ce(xr, wr, t);
+  ref.backward();
+  for (int64_t chunk : {1, 5, 16, 37, 100, 0}) {
+    auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+    auto loss = fused_linear_cross_entropy(x, w, t, chunk);
+    EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-12) << "chunk " << chunk;
+    (2.5 * loss).backward();  // the incoming gradient scales both
+    EXPECT_TRUE(torch::allclose(x.grad(), 2.5 * xr.grad(), 1e-12, 1e-12)) << "chunk " << chunk;
+    EXPECT_TRUE(torch::allclose(w.grad(), 2.5 * wr.grad(), 1e-12, 1e-12)) << "chunk " << chunk;
+  }
+  // Without grad mode: the same loss, no graph.
+  torch::NoGradGuard no_grad;
+  auto loss = fused_linear_cross_entropy(x0, w0, t, 7);
+  EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-12);
+  EXPECT_FALSE(loss.requires_grad());
+}
+
+TEST(FusedLinearCrossEntropy, HandComputedValue) {
+  // x = [1, 0], w rows (1,0),(0,1),(−1,0) → logits (1, 0, −1); target 1:
+  // loss = log(e + 1 + 1/e) − 0.
+  auto x = torch::tensor({{1.0, 0.0}}, torch::kFloat64);
+  auto w = torch::tensor({{1.0, 0.0}, {0.0, 1.0}, {-1.0, 0.0}}, torch::kFloat64);
+  auto t = torch::tensor({1}, torch::kInt64);
+  EXPECT_NEAR(fused_linear_cross_entropy(x, w, t).item<double>(), std::log(std::exp(1.0) + 1.0 + std::exp(-1.0)),
+              1e-12);
+}
+
+TEST(FusedLinearCrossEntropy, GradientsMatchFiniteDifferences) {
+  torch::manual_seed(4);
+  auto x = torch::randn({9, 5}, torch::kFloat64).requires_grad_();
+  auto w = torch::randn({11, 5}, torch::kFloat64).requires_grad_();
+  auto t = torch::randint(11, {9}, torch::kInt64);
+  auto f = [&] { return fused_linear_cross_entropy(x, w, t, 4); };
+  moecpt::testing::expect_grad_matches_fd(f, x, {0, 7, 23, 44}, "x");
+  moecpt::testing::expect_grad_matches_fd(f, w, {0, 13, 31, 54}, "w");
+}
+
+TEST(FusedLinearCrossEntropy, Bf16AutocastIsCloseToFp32) {
+  torch::manual_seed(5);
+  auto x = torch::randn({64, 32}), w = torch::randn({100, 32}) * 0.2;
+  auto t = torch::randint(100, {64}, torch::kInt64);
+  const double ref = reference_ce(x, w, t).item<double>();
+  compat::Autocast autocast(torch::kCPU);
+  auto xr = x.clone().requires_grad_(), wr = w.clone().requires_grad_();
+  auto loss = fused_linear_cross_entropy(xr, wr, t);
+  EXPECT_EQ(loss.scalar_type(), torch::kFloat32);
+  EXPECT_NEAR(loss.item<double>(), ref, 0.02 * ref);
+  loss.backward();
+  EXPECT_EQ(xr.grad().scalar_type(), torch::kFloat32);
+  EXPECT_EQ(wr.grad().scalar_type(), torch::kFloat32);
+}
+
+TEST(FusedLinearCrossEntropy, TransformerForwardLossEqualsLogitsPath) {
+  for (bool tied : {false, true}) {
+    ModelConfig mc;
+    mc.vocab_size = 50;
+    mc.d_model = 16;
+    mc.n_layers = 2;
+    mc.n_heads = 2;
+    mc.seq_len = 10;
+    mc.ffn_hidden = 24;
+    mc.ffn = "moe";
+    mc.n_experts = 4;
+    mc.n_shared_experts = 1;
+    mc.top_k = 2;
+    mc.expert_hidden = 8;
+    mc.tie_embeddings = tied;
+    torch::manual_seed(6);
+    Transformer model(mc, RouterConfig{});
+    model->to(torch::kFloat64);
+    auto tokens = torch::randint(mc.vocab_size, {3, mc.seq_len + 1}, torch::kInt64);
+    auto in = tokens.narrow(1, 0, mc.seq_len), tgt = tokens.narrow(1, 1, mc.seq_len);
+
+    auto ref_out = model(in);
+    auto ref = torch::cross_entropy_loss(ref_out.logits_BTV.reshape({-1, mc.vocab_size}), tgt.reshape({-1}));
+    (ref + ref_out.aux_loss).backward();
+    std::vector<torch::Tensor> ref_grads;
+    for (auto& p : model->parameters()) ref_grads.push_back(p.grad().clone());
+    model->zero_grad();
+
+    auto out = forward_loss(*model, in, tgt);
+    EXPECT_NEAR(out.lm_loss.item<double>(), ref.item<double>(), 1e-12) << "tied " << tied;
+    EXPECT_NEAR(out.aux_loss.item<double>(), ref_out.aux_loss.item<double>(), 1e-12);
+    ASSERT_EQ(out.routing.size(), ref_out.routing.size());
+    (out.lm_loss + out.aux_loss).backward();
+    auto params = model->parameters();
+    for (size_t i = 0; i < params.size(); ++i)
+      EXPECT_TRUE(torch::allclose(params[i].grad(), ref_grads[i], 1e-9, 1e-12)) << "param " << i << " tied " << tied;
+  }
+}
