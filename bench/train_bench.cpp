@@ -1,7 +1,7 @@
 // One training step of the mini models — forward, LM + aux + z loss, backward,
 // grad-norm clip, AdamW — on random tokens, as tokens/s and peak RSS.
-// bench/pytorch_eager.py runs the same models in PyTorch eager; bench/run.sh
-// runs both, one model per process so each peak RSS is that model's own.
+// The same step as `moecpt bench train` (which bench/run.sh uses for the
+// side-by-side comparison with bench/pytorch_eager.py), as a Google Benchmark.
 //
 //   moecpt_bench_train --benchmark_filter=granular-aux [--benchmark_format=json]
 // Environment: MOECPT_BENCH_THREADS (default: all cores), MOECPT_BENCH_STEPS
@@ -13,6 +13,8 @@
 #include <thread>
 
 #include "core/config.h"
+#include "model/fused_ce.h"
+#include "model/fused_runtime.h"
 #include "model/transformer.h"
 #include "train/optimizer.h"
 
@@ -34,6 +36,7 @@ double peak_rss_mib() {
 void BM_TrainStep(benchmark::State& state, const std::string& recipe) {
   const int64_t threads = env_int("MOECPT_BENCH_THREADS", std::max(1u, std::thread::hardware_concurrency()));
   torch::set_num_threads(int(threads));
+  compat::set_blas_threads(1);  // see model/fused_runtime.h
   const auto cfg = load_config(std::string(MOECPT_SOURCE_DIR) + "/recipes/mini/" + recipe + ".toml");
   const auto& mc = cfg.model;
   const int64_t batch = env_int("MOECPT_BENCH_BATCH", 0);  // 0 = the recipe's
@@ -48,8 +51,8 @@ void BM_TrainStep(benchmark::State& state, const std::string& recipe) {
 
   double loss = 0;
   auto step = [&] {
-    auto out = model(inputs_BT);
-    auto lm = torch::cross_entropy_loss(out.logits_BTV.reshape({-1, mc.vocab_size}), targets_BT.reshape({-1}));
+    auto out = model::forward_loss(*model, inputs_BT, targets_BT);  // fused head + cross-entropy
+    auto lm = out.lm_loss;
     opt->zero_grad();
     (lm + out.aux_loss + out.z_loss).backward();
     torch::nn::utils::clip_grad_norm_(model->parameters(), cfg.optim.grad_clip);
