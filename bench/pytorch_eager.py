@@ -8,14 +8,15 @@ Same shapes and maths as src/model: RMSNorm (fp32), causal attention with RoPE
 aux + z loss (or Sinkhorn-balanced choice), dropless dispatch by a stable sort of
 the token slots, one matmul per expert group, index_add combine, shared experts.
 
-  pytorch_eager.py granular-aux [--threads N] [--steps N] [--batch N]
-prints one JSON object: tokens_per_s, step_ms, peak_rss_mib, ...
+  pytorch_eager.py granular-aux [--threads N] [--steps N] [--batch N] [--bf16]
+prints one JSON object: tokens_per_s and step_ms (median step), peak_rss_mib, ...
 """
 import argparse
 import json
 import math
 import os
 import resource
+import statistics
 import time
 import tomllib
 
@@ -123,7 +124,8 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)
-        logits = self.router(x.float())
+        with torch.autocast("cpu", enabled=False):  # router in fp32 under bf16 autocast
+            logits = self.router(x.float())
         probs = logits.softmax(-1)
         zero = logits.new_zeros(())
         if self.router_type == "sinkhorn" and self.training:
@@ -199,6 +201,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=0, help="sequences (0 = the recipe's)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (router in fp32)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -217,8 +220,9 @@ def main():
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step():
-        logits, aux, z = model(inputs)
-        lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits, aux, z = model(inputs)
+        lm = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         (lm + aux + z).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.get("grad_clip", 1.0))
@@ -227,14 +231,21 @@ def main():
 
     for _ in range(2):  # warm-up, as in train_bench.cpp
         step()
-    start = time.perf_counter()
+    times, cpu = [], []
     for _ in range(args.steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = step()
-    elapsed = time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu_start)
+    elapsed = sum(times)
+    med = statistics.median(times)
     print(json.dumps({
         "impl": "pytorch_eager", "model": args.recipe, "torch": torch.__version__,
         "threads": args.threads, "batch_tokens": B * T, "steps": args.steps,
-        "step_ms": 1000 * elapsed / args.steps, "tokens_per_s": B * T * args.steps / elapsed,
+        "dtype": "bfloat16" if args.bf16 else "float32",
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
+        "step_ms": 1000 * med, "step_ms_mean": 1000 * elapsed / args.steps,
+        "cpu_ms_per_step": 1000 * statistics.median(cpu), "tokens_per_s": B * T / med,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss,
     }))
 

@@ -14,11 +14,14 @@
 // OpenMP reads OMP_WAIT_POLICY once, when libgomp loads (before main). Its
 // default busy-waiting made training steps 2.4x slower on the 2-core machine
 // (1220 vs 2950 tokens/s measured), so if the user has not chosen a policy we
-// set PASSIVE and re-execute ourselves once.
+// set PASSIVE and re-execute ourselves once. Likewise OPENBLAS_NUM_THREADS=1:
+// Debian's LibTorch calls the pthread OpenBLAS, whose own spinning thread pool
+// fights ATen's OpenMP threads (docs/performance.md: up to 90x slower bmm).
 static void ensure_passive_openmp(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
-  ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
-  ::execv("/proc/self/exe", argv);  // only returns on failure: carry on as we are
+  bool changed = false;
+  if (std::getenv("OMP_WAIT_POLICY") == nullptr) changed = ::setenv("OMP_WAIT_POLICY", "PASSIVE", 1) == 0;
+  if (std::getenv("OPENBLAS_NUM_THREADS") == nullptr) changed = ::setenv("OPENBLAS_NUM_THREADS", "1", 1) == 0 || changed;
+  if (changed) ::execv("/proc/self/exe", argv);  // only returns on failure: carry on as we are
 }
 
 int main(int argc, char** argv) {
@@ -31,6 +34,7 @@ int main(int argc, char** argv) {
   moecpt::cli::register_train_commands(app);
   moecpt::cli::register_flops_commands(app);
   moecpt::cli::register_launch_commands(app);
+  moecpt::cli::register_bench_commands(app);
   moecpt::cli::register_export_commands(app);
   moecpt::cli::register_import_commands(app);
   try {

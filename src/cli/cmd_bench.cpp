@@ -1,0 +1,302 @@
+// `moecpt bench train`: time training steps of a recipe's model on random
+// tokens and report tokens/s, TFLOP/s (model/flops.h train_flops_per_token) and
+// MFU against the device's peak. CPU now; CUDA when the binary is built against
+// a CUDA LibTorch (docs/performance.md says how).
+//
+// The step is the trainer's: forward (bf16 autocast when asked, router fp32),
+// LM + aux + z loss, backward, global grad-norm clip, AdamW — with the output
+// head and its cross-entropy fused (model::forward_loss) unless
+// --unfused-head. The clip is done on
+// the device (no .item()), and the loss is read once after the timed steps, so
+// the only host sync inside a step is the MoE dispatch's one copy of the group
+// sizes per MoE layer (model/moe.cpp). Each step is timed between device
+// synchronisations (a no-op on CPU).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <ctime>
+#include <cstdio>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <thread>
+
+#include "cli/commands.h"
+#include "core/config.h"
+#include "core/error.h"
+#include "model/flops.h"
+#include "model/fused_ce.h"
+#include "model/fused_runtime.h"
+#include "model/transformer.h"
+#include "train/optimizer.h"
+
+namespace moecpt::cli {
+
+namespace {
+
+struct BenchOptions {
+  std::string config;
+  std::vector<std::string> overrides;
+  int64_t layers = 0;  // 0 = the config's
+  int64_t steps = 10;
+  int64_t warmup = 2;
+  int64_t batch = 0;  // sequences; 0 = the config's train.batch_size
+  int64_t threads = 0;
+  std::string device;  // "" = the config's run.device
+  std::string dtype;   // "" = the config's run.dtype
+  double peak_tflops = 0;
+  bool json = false;
+  bool unfused_head = false;  // logits + cross_entropy instead of the fused op
+};
+
+double peak_rss_mib() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return double(ru.ru_maxrss) / 1024.0;  // KiB on Linux
+}
+
+void sync(const torch::Device& dev) {
+  if (dev.is_cuda()) torch::cuda::synchronize();
+}
+
+// Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity),
+// matched against the GPU name nvidia-smi prints.
+struct KnownPeak {
+  const char* name_part;
+  double bf16_tflops;
+};
+constexpr KnownPeak kKnownPeaks[] = {
+    {"H200", 989.0}, {"H100 SXM", 989.0}, {"H100 80GB HBM3", 989.0}, {"H100 NVL", 835.0},
+    {"H100 PCIe", 756.0}, {"H100", 756.0},  // an unspecified H100 counts as the PCIe part
+    {"A100", 312.0}, {"L40S", 362.0}, {"L4", 121.0}, {"A10", 125.0},
+};
+
+std::string gpu_name() {
+  std::string name;
+  if (FILE* p = ::popen("nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null", "r")) {
+    char buf[256];
+    if (std::fgets(buf, sizeof buf, p)) name = buf;
+    ::pclose(p);
+  }
+  while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+  return name;
+}
+
+// Best of a few n×n matmuls in `dtype` on the CPU: the throughput that MFU on a
+// CPU is measured against when --peak-tflops is not given.
+double measured_cpu_matmul_tflops(torch::ScalarType dtype) {
+  const int64_t n = 1024;
+  torch::NoGradGuard no_grad;
+  auto a = torch::randn({n, n}).to(dtype), b = torch::randn({n, n}).to(dtype);
+  double best = 0;
+  for (int i = 0; i < 6; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto c = torch::mm(a, b);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * double(n * n * n) / s / 1e12);
+  }
+  return best;
+}
+
+// Global-norm gradient clipping without a host sync (LibTorch's
+// clip_grad_norm_ returns the norm as a double, i.e. calls .item()).
+void clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm) {
+  std::vector<torch::Tensor> norms;
+  for (const auto& p : params)
+    if (p.grad().defined()) norms.push_back(p.grad().norm(2).to(torch::kFloat32));
+  if (norms.empty()) return;
+  auto total = torch::stack(norms).norm(2);
+  auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
+  for (const auto& p : params)
+    if (p.grad().defined()) p.grad().mul_(coef.to(p.grad().scalar_type()));
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+void run_bench_train(const BenchOptions& o) {
+  Config cfg = load_config(o.config, o.overrides);
+  ModelConfig mc = cfg.model;
+  const int64_t config_layers = mc.n_layers;
+  if (o.layers > 0) mc.n_layers = o.layers;
+  if (o.steps < 1 || o.warmup < 0) throw Error("bench train: --steps must be >= 1 and --warmup >= 0");
+  const std::string device_name = o.device.empty() ? cfg.run.device : o.device;
+  const std::string dtype = o.dtype.empty() ? cfg.run.dtype : o.dtype;
+  if (device_name != "cpu" && device_name != "cuda")
+    throw Error("bench train: --device must be cpu or cuda, got '" + device_name + "'");
+  if (dtype != "float32" && dtype != "bfloat16")
+    throw Error("bench train: --dtype must be float32 or bfloat16, got '" + dtype + "'");
+  if (device_name == "cuda" && !torch::cuda::is_available())
+    throw Error("bench train: --device cuda, but this build/machine has no CUDA device "
+                "(build against a CUDA LibTorch: docs/performance.md)");
+  const torch::Device dev(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+  const int threads = o.threads > 0 ? int(o.threads)
+                      : cfg.run.threads > 0 ? int(cfg.run.threads)
+                                            : int(std::max(1u, std::thread::hardware_concurrency()));
+  torch::set_num_threads(threads);
+  compat::set_blas_threads(1);
+
+  const int64_t B = o.batch > 0 ? o.batch : cfg.train.batch_size, T = mc.seq_len;
+  torch::manual_seed(uint64_t(cfg.run.seed));
+  model::Transformer model(mc, cfg.router);
+  model->to(dev);
+  model->train();
+  auto opt = make_adamw(*model, cfg.optim);
+  const auto params = model->parameters();
+  auto tokens = torch::randint(mc.vocab_size, {B, T + 1}, torch::kInt64).to(dev);
+  auto inputs_BT = tokens.narrow(1, 0, T).contiguous(), targets_BT = tokens.narrow(1, 1, T).contiguous();
+
+  torch::Tensor loss;
+  auto step = [&] {
+    opt->zero_grad();
+    torch::Tensor total;
+    {
+      std::optional<compat::Autocast> autocast;
+      if (dtype == "bfloat16") autocast.emplace(dev);
+      torch::Tensor lm, aux, z;
+      if (o.unfused_head) {
+        auto out = model(inputs_BT);
+        lm = torch::cross_entropy_loss(out.logits_BTV.reshape({-1, mc.vocab_size}).to(torch::kFloat32),
+                                       targets_BT.reshape({-1}));
+        aux = out.aux_loss, z = out.z_loss;
+      } else {
+        auto out = model::forward_loss(*model, inputs_BT, targets_BT);
+        lm = out.lm_loss, aux = out.aux_loss, z = out.z_loss;
+      }
+      loss = lm.detach();
+      total = lm + aux + z;
+    }
+    total.backward();
+    if (cfg.optim.grad_clip > 0) clip_grad_norm_on_device(params, cfg.optim.grad_clip);
+    opt->step();
+  };
+
+  for (int64_t i = 0; i < o.warmup; ++i) step();
+  sync(dev);
+  std::vector<double> step_s, cpu_s;  // wall clock; CPU time of this process (all threads)
+  const auto t_all = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < o.steps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::clock_t c0 = std::clock();
+    step();
+    sync(dev);
+    step_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    cpu_s.push_back(double(std::clock() - c0) / CLOCKS_PER_SEC);
+  }
+  const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
+  const double final_loss = loss.item<double>();
+
+  const double tokens_per_step = double(B * T);
+  const double med_s = median(step_s);
+  const double tokens_per_s = tokens_per_step / med_s;
+  const int64_t flops_per_token = model::train_flops_per_token(mc);
+  const double tflops = double(flops_per_token) * tokens_per_s / 1e12;
+
+  double peak = o.peak_tflops;
+  std::string peak_source = "--peak-tflops";
+  std::string gpu;
+  if (peak <= 0 && dev.is_cuda()) {
+    gpu = gpu_name();
+    for (const auto& k : kKnownPeaks) {
+      if (gpu.find(k.name_part) != std::string::npos) {
+        peak = k.bf16_tflops;
+        peak_source = std::string("bf16 dense peak of ") + k.name_part + " (data sheet)";
+        break;
+      }
+    }
+    if (peak <= 0) peak_source = "unknown GPU '" + gpu + "': pass --peak-tflops";
+  } else if (peak <= 0) {
+    const auto mm_dtype = dtype == "bfloat16" ? torch::kBFloat16 : torch::kFloat32;
+    peak = measured_cpu_matmul_tflops(mm_dtype);
+    peak_source = "measured 1024^3 " + dtype + " matmul on this CPU (" + std::to_string(threads) + " threads)";
+  }
+  const double mfu = peak > 0 ? tflops / peak : 0.0;
+
+  nlohmann::json j = {
+      {"config", o.config},
+      {"model", {{"ffn", mc.ffn}, {"n_layers", mc.n_layers}, {"config_n_layers", config_layers},
+                 {"d_model", mc.d_model}, {"vocab_size", mc.vocab_size}, {"seq_len", T},
+                 {"router", mc.ffn == "moe" ? cfg.router.type : "none"}}},
+      {"device", device_name},
+      {"gpu", gpu},
+      {"dtype", dtype},
+      {"head", o.unfused_head ? "unfused (logits + cross_entropy)" : "fused linear + cross-entropy"},
+      {"threads", threads},
+      {"batch_sequences", B},
+      {"tokens_per_step", int64_t(tokens_per_step)},
+      {"warmup_steps", o.warmup},
+      {"steps", o.steps},
+      {"step_ms", {{"median", 1e3 * med_s},
+                   {"min", 1e3 * *std::min_element(step_s.begin(), step_s.end())},
+                   {"max", 1e3 * *std::max_element(step_s.begin(), step_s.end())},
+                   {"mean", 1e3 * total_s / double(o.steps)}}},
+      {"cpu_ms_per_step", {{"median", 1e3 * median(cpu_s)}}},  // robust to other load on a shared machine
+      {"tokens_per_s", tokens_per_s},
+      {"train_flops_per_token", flops_per_token},
+      {"tflops", tflops},
+      {"peak_tflops", peak},
+      {"peak_source", peak_source},
+      {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)},
+      {"peak_rss_mib", peak_rss_mib()},
+      {"final_loss", final_loss},
+  };
+  if (o.json) {
+    std::cout << j.dump(2) << "\n";
+    return;
+  }
+  std::printf("bench train: %s\n", o.config.c_str());
+  if (mc.n_layers != config_layers)
+    std::printf("  layers: %lld of the config's %lld (reduced with --layers)\n", (long long)mc.n_layers,
+                (long long)config_layers);
+  else
+    std::printf("  layers: %lld\n", (long long)mc.n_layers);
+  std::printf("  device: %s%s, dtype %s, %d threads, %s head\n", device_name.c_str(),
+              gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
+              o.unfused_head ? "unfused" : "fused");
+  std::printf("  batch: %lld x %lld = %.0f tokens/step; %lld warm-up + %lld timed steps\n", (long long)B,
+              (long long)T, tokens_per_step, (long long)o.warmup, (long long)o.steps);
+  std::printf("  step: %.1f ms median (min %.1f, max %.1f)\n", 1e3 * med_s,
+              1e3 * *std::min_element(step_s.begin(), step_s.end()),
+              1e3 * *std::max_element(step_s.begin(), step_s.end()));
+  std::printf("  tokens/s: %.0f (process CPU time %.1f ms/step)\n", tokens_per_s, 1e3 * median(cpu_s));
+  std::printf("  training FLOPs/token: %lld -> %.4f TFLOP/s\n", (long long)flops_per_token, tflops);
+  if (peak > 0)
+    std::printf("  MFU: %.1f %% of %.4g TFLOP/s (%s)\n", 100.0 * mfu, peak, peak_source.c_str());
+  else
+    std::printf("  MFU: n/a (%s)\n", peak_source.c_str());
+  std::printf("  peak RSS: %.0f MiB; final loss %.4f\n", peak_rss_mib(), final_loss);
+}
+
+}  // namespace
+
+void register_bench_commands(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "performance measurements");
+  bench->require_subcommand(1);
+  auto o = std::make_shared<BenchOptions>();
+  auto* train = bench->add_subcommand(
+      "train", "time training steps of a config's model on random tokens: tokens/s, TFLOP/s, MFU");
+  train->add_option("--config", o->config, "recipe TOML")->required()->check(CLI::ExistingFile);
+  train->add_option("--set", o->overrides, "override a config value, e.g. --set model.d_model=256");
+  train->add_option("--layers", o->layers, "build only N layers (e.g. to fit memory); said in the output")
+      ->check(CLI::PositiveNumber);
+  train->add_option("--steps", o->steps, "timed steps (default 10)");
+  train->add_option("--warmup", o->warmup, "untimed warm-up steps (default 2)");
+  train->add_option("--batch", o->batch, "sequences per step (default: train.batch_size)");
+  train->add_option("--threads", o->threads, "CPU intra-op threads (default: run.threads, 0 = all cores)");
+  train->add_option("--device", o->device, "cpu | cuda (default: run.device)");
+  train->add_option("--dtype", o->dtype, "float32 | bfloat16 autocast (default: run.dtype)");
+  train->add_option("--peak-tflops", o->peak_tflops,
+                    "device peak for MFU (default: data-sheet bf16 peak of a known GPU; on CPU a "
+                    "measured matmul peak)");
+  train->add_flag("--unfused-head", o->unfused_head,
+                  "materialise the logits and call cross_entropy (the trainer's path) instead of the fused op");
+  train->add_flag("--json", o->json, "print one JSON object");
+  train->callback([o] { run_bench_train(*o); });
+}
+
+}  // namespace moecpt::cli
