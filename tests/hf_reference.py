@@ -7,9 +7,10 @@ moecpt's C++ code: it reads config.json and model.safetensors (header parsed
 with json, tensors with torch.frombuffer; no safetensors/transformers package)
 and writes the logits of the given token sequences.
 
-usage: hf_reference.py MODEL_DIR TOKENS_JSON OUT_BIN
+usage: hf_reference.py TOKENS_JSON MODEL_DIR OUT_BIN [MODEL_DIR OUT_BIN ...]
   TOKENS_JSON: [[t, t, ...], ...]   (B sequences of equal length T)
   OUT_BIN:     float32 little-endian logits [B, T, vocab], row-major
+(several models per call: importing torch is the slow part)
 Exit status 0 on success; prints 'SKIP: ...' and exits 77 when torch is missing.
 """
 import json
@@ -151,12 +152,16 @@ def forward(model_dir, tokens):
 
 
 def main():
-    model_dir, tokens_path, out_path = sys.argv[1:4]
+    if len(sys.argv) < 4 or len(sys.argv) % 2 != 0:
+        print(__doc__)
+        sys.exit(2)
     torch.set_grad_enabled(False)
-    logits = forward(model_dir, json.load(open(tokens_path))).contiguous().to(torch.float32)
-    with open(out_path, "wb") as f:
-        f.write(logits.numpy().astype("<f4").tobytes())
-    print("ok", tuple(logits.shape))
+    tokens = json.load(open(sys.argv[1]))
+    for model_dir, out_path in zip(sys.argv[2::2], sys.argv[3::2]):
+        logits = forward(model_dir, tokens).contiguous().to(torch.float32)
+        with open(out_path, "wb") as f:
+            f.write(logits.numpy().astype("<f4").tobytes())
+        print("ok", model_dir, tuple(logits.shape))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ using json = nlohmann::json;
 // Tiny models of every exportable kind. init_std is large so routing and
 // logits are far from ties and from zero.
 std::string recipe(const std::string& kind) {
-  std::string t = R"([run]
+  const std::string t = R"([run]
 threads = 1
 [model]
 vocab_size = 48
@@ -46,19 +46,19 @@ n_heads = 2
 seq_len = 12
 ffn_hidden = 24
 init_std = 0.2
-activation = "swiglu"
 )";
-  if (kind == "dense") return t;
-  if (kind == "dense_geglu_tied") return t + "activation = \"geglu\"\ntie_embeddings = true\n";
+  const std::string swiglu = "activation = \"swiglu\"\n", geglu = "activation = \"geglu\"\n";
   const std::string moe = "ffn = \"moe\"\n";
-  if (kind == "switch") return t + moe + "n_experts = 4\ntop_k = 1\nexpert_hidden = 24\n";
-  if (kind == "granular")
-    return t + moe + "activation = \"geglu\"\nn_experts = 6\nn_shared_experts = 1\ntop_k = 2\nexpert_hidden = 8\n";
-  if (kind == "mixtral") return t + moe + "n_experts = 4\ntop_k = 2\nexpert_hidden = 12\n[router]\nrenormalize = true\n";
+  if (kind == "dense") return t + swiglu;
+  if (kind == "dense_geglu_tied") return t + geglu + "tie_embeddings = true\n";
+  if (kind == "switch") return t + swiglu + moe + "n_experts = 4\ntop_k = 1\nexpert_hidden = 24\n";
+  if (kind == "granular") return t + geglu + moe + "n_experts = 6\nn_shared_experts = 1\ntop_k = 2\nexpert_hidden = 8\n";
+  if (kind == "mixtral")
+    return t + swiglu + moe + "n_experts = 4\ntop_k = 2\nexpert_hidden = 12\n[router]\nrenormalize = true\n";
   if (kind == "interleaved")
-    return t + moe + "n_experts = 4\nn_shared_experts = 2\ntop_k = 2\nexpert_hidden = 6\nmoe_every = 2\n";
+    return t + swiglu + moe + "n_experts = 4\nn_shared_experts = 2\ntop_k = 2\nexpert_hidden = 6\nmoe_every = 2\n";
   if (kind == "sinkhorn_k2")
-    return t + moe + "n_experts = 4\ntop_k = 2\nexpert_hidden = 12\n[router]\ntype = \"sinkhorn\"\nrenormalize = true\n";
+    return t + swiglu + moe + "n_experts = 4\ntop_k = 2\nexpert_hidden = 12\n[router]\ntype = \"sinkhorn\"\nrenormalize = true\n";
   throw Error("unknown test kind " + kind);
 }
 
@@ -296,10 +296,10 @@ TEST(HfInterop, IndependentHeaderParserFindsEveryTensorAndConfigFields) {
   }
 }
 
-// Runs tests/hf_reference.py on an exported directory; returns its logits, or
-// an undefined tensor with `skip` set when python3/torch is unavailable.
-torch::Tensor python_logits(const testing::TempDir& dir, const std::string& model_dir, const torch::Tensor& tokens,
-                            std::string& skip) {
+// Runs tests/hf_reference.py once on several exported directories; returns
+// their logits (flat), or nothing with `skip` set when python3/torch is missing.
+std::vector<torch::Tensor> python_logits(const testing::TempDir& dir, const std::vector<std::string>& model_dirs,
+                                         const torch::Tensor& tokens, std::string& skip) {
   const std::string py = "/usr/bin/python3";
   if (!fs::exists(py)) {
     skip = "/usr/bin/python3 not found";
@@ -312,8 +312,9 @@ torch::Tensor python_logits(const testing::TempDir& dir, const std::string& mode
     toks.push_back(row);
   }
   testing::write_text(dir / "tokens.json", toks.dump());
-  const std::string cmd = py + " " + std::string(MOECPT_SOURCE_DIR) + "/tests/hf_reference.py " + model_dir + " " +
-                          (dir / "tokens.json") + " " + (dir / "ref.bin") + " 2>&1";
+  std::string cmd = py + " " + std::string(MOECPT_SOURCE_DIR) + "/tests/hf_reference.py " + (dir / "tokens.json");
+  for (size_t i = 0; i < model_dirs.size(); ++i) cmd += " " + model_dirs[i] + " " + (dir / ("ref" + std::to_string(i) + ".bin"));
+  cmd += " 2>&1";
   std::string out;
   FILE* p = ::popen(cmd.c_str(), "r");
   char buf[4096];
@@ -326,27 +327,38 @@ torch::Tensor python_logits(const testing::TempDir& dir, const std::string& mode
     return {};
   }
   EXPECT_EQ(code, 0) << out;
-  const std::string bytes = testing::read_text(dir / "ref.bin");
-  std::vector<float> v(bytes.size() / 4);
-  std::memcpy(v.data(), bytes.data(), v.size() * 4);
-  return torch::from_blob(v.data(), {int64_t(v.size())}, torch::kFloat32).clone();
+  std::vector<torch::Tensor> res;
+  for (size_t i = 0; i < model_dirs.size(); ++i) {
+    const std::string bytes = testing::read_text(dir / ("ref" + std::to_string(i) + ".bin"));
+    std::vector<float> v(bytes.size() / 4);
+    if (!v.empty()) std::memcpy(v.data(), bytes.data(), v.size() * 4);
+    res.push_back(torch::from_blob(v.data(), {int64_t(v.size())}, torch::kFloat32).clone());
+  }
+  return res;
 }
 
 TEST(HfInterop, IndependentPythonReferenceGivesTheSameLogits) {
+  testing::TempDir dir;
+  std::vector<std::string> hf_dirs;
   for (const auto& kind : kKinds) {
-    SCOPED_TRACE(kind);
-    testing::TempDir dir;
-    Config cfg = make_checkpoint(kind, dir / "ckpt", 11);
-    hf::export_hf(dir / "ckpt", dir / "hf");
-    torch::manual_seed(3);
-    auto tokens = torch::randint(0, cfg.model.vocab_size, {2, 10}, torch::kInt64);
-    std::string skip;
-    auto ref = python_logits(dir, dir / "hf", tokens, skip);
-    if (!skip.empty()) GTEST_SKIP() << "independent Python reference not run: " << skip;
-    auto ours = logits_of(dir / "ckpt", tokens).reshape({-1});
-    ASSERT_EQ(ref.numel(), ours.numel());
-    const double diff = (ref - ours).abs().max().item<double>();
-    EXPECT_LT(diff, 1e-4) << "max |logit difference| = " << diff << " (logit scale " << ours.abs().max().item<double>() << ")";
+    make_checkpoint(kind, dir / ("ckpt-" + kind), 11);
+    hf::export_hf(dir / ("ckpt-" + kind), dir / ("hf-" + kind));
+    hf_dirs.push_back(dir / ("hf-" + kind));
+  }
+  torch::manual_seed(3);
+  auto tokens = torch::randint(0, 48, {2, 10}, torch::kInt64);
+  std::string skip;
+  auto refs = python_logits(dir, hf_dirs, tokens, skip);
+  if (!skip.empty()) GTEST_SKIP() << "independent Python reference not run: " << skip;
+  ASSERT_EQ(refs.size(), kKinds.size());
+  for (size_t i = 0; i < kKinds.size(); ++i) {
+    SCOPED_TRACE(kKinds[i]);
+    auto ours = logits_of(dir / ("ckpt-" + kKinds[i]), tokens).reshape({-1});
+    ASSERT_EQ(refs[i].numel(), ours.numel());
+    const double diff = (refs[i] - ours).abs().max().item<double>();
+    std::printf("[ hf_reference ] %-16s max |logit diff| = %.3g (max |logit| = %.3g)\n", kKinds[i].c_str(), diff,
+                ours.abs().max().item<double>());
+    EXPECT_LT(diff, 1e-4);
     EXPECT_GT(ours.abs().max().item<double>(), 0.1);  // not a trivial all-zero comparison
   }
 }
