@@ -341,6 +341,33 @@ TEST(Distributed, KilledRankFailsTheOtherWithAClearMessage) {
   EXPECT_NE(log0.find("another rank died or stopped answering"), std::string::npos) << log0;
 }
 
+// A rank that hangs (SIGSTOP: its sockets stay open) is caught by the collective
+// timeout: rank 0 fails naming it after MOECPT_DIST_TIMEOUT_S, instead of waiting forever.
+TEST(Distributed, HungRankFailsTheOtherAfterTheTimeout) {
+  Fixture f("dense");
+  const auto args = split_args(f.train_args("run", "--set train.steps=100000 --set train.eval_every=0"));
+  const std::string port = std::to_string(20000 + (::getpid() + 7919) % 20000);
+  auto env = [&](int rank) {
+    return std::vector<std::pair<std::string, std::string>>{
+        {"RANK", std::to_string(rank)}, {"WORLD_SIZE", "2"},     {"LOCAL_RANK", std::to_string(rank)},
+        {"MASTER_ADDR", "127.0.0.1"},   {"MASTER_PORT", port}, {"MOECPT_DIST_TIMEOUT_S", "10"}};
+  };
+  const pid_t r0 = spawn(args, env(0), f.dir / "rank0.log");
+  const pid_t r1 = spawn(args, env(1), f.dir / "rank1.log");
+  const bool started = wait_for_train_lines(f.dir / "run/metrics.jsonl", 3, 120);
+  ::kill(r1, SIGSTOP);
+  const int status = wait_for(r0, 60);  // kills it on timeout
+  ::kill(r1, SIGKILL);
+  ::waitpid(r1, nullptr, 0);
+  const std::string log0 = testing::read_text(f.dir / "rank0.log");
+  ASSERT_TRUE(started) << log0 << testing::read_text(f.dir / "rank1.log");
+  ASSERT_NE(status, -1) << "rank 0 hung behind a stopped rank 1:\n" << log0;
+  ASSERT_TRUE(WIFEXITED(status)) << log0;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << log0;
+  EXPECT_NE(log0.find("error: rank 0 of 2:"), std::string::npos) << log0;
+  EXPECT_NE(log0.find("timeout 10 s"), std::string::npos) << log0;
+}
+
 // `moecpt launch`: one rank killed, the launcher stops the rest and fails naming it.
 TEST(Distributed, LauncherFailsTheJobWhenARankDies) {
   Fixture f("dense");
