@@ -13,6 +13,7 @@ PACKAGES=(
   libsentencepiece-dev         # tokenizer
   libgtest-dev libbenchmark-dev
   libgloo-dev                  # c10d process groups on CPU
+  chromium                     # headless check of the study report (tests)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,22 +1,18 @@
 #!/usr/bin/env bash
-# README command 1: install dependencies, build, prepare the shipped corpora and
-# run the miniature continual-pre-training job: pre-train a Granular MoE on
-# English, then continue pre-training on German with 40 % English replay and a
-# re-warmed cosine, and print forgetting / adaptation / routing imbalance.
-# Re-running skips finished phases. Outputs: runs/quickstart/{pt,cpt}.
+# README command 1: install dependencies, build, and run the miniature
+# replication of the paper (`moecpt study`, recipe recipes/study/mini.toml):
+# pre-train dense, Switch and Granular MoEs (Z+Aux and Sinkhorn routers) on
+# English, continue pre-training them on German with and without replay, with
+# re-warm/re-decay and with the infinite schedule, train the full re-training
+# reference, analyse the routers, and write runs/study/report.html.
+# The study prepares the tokenizer and shards itself when they are missing.
+# Re-running skips finished arms and resumes an interrupted one.
+# Extra arguments go to `moecpt study` (e.g. --quick, --out DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 bash scripts/build.sh
 export OMP_WAIT_POLICY=PASSIVE
-M=./build/moecpt
-[ -f data/tokenizer/moecpt.model ] || $M data tokenizer train --config recipes/data/corpora.toml
-[ -f data/shards/code/val.bin ] || $M data prepare --config recipes/data/corpora.toml
-for phase in pt cpt; do
-  out=runs/quickstart/$phase
-  if [ -f "$out/summary.json" ]; then
-    echo "moecpt: $out already finished (delete it to re-run)" >&2
-  else
-    $M train --config recipes/quickstart/$phase.toml --resume "$@"
-  fi
-done
+start=$(date +%s)
+./build/moecpt study "$@"   # defaults: --recipe recipes/study/mini.toml --out runs/study
+echo "moecpt: study took $(( $(date +%s) - start )) s; report: runs/study/report.html (or the --out given)" >&2

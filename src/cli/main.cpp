@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   moecpt::cli::register_train_commands(app);
   moecpt::cli::register_flops_commands(app);
   moecpt::cli::register_launch_commands(app);
+  moecpt::cli::register_study_commands(app);
   moecpt::cli::register_bench_commands(app);
   moecpt::cli::register_export_commands(app);
   moecpt::cli::register_import_commands(app);
