@@ -14,4 +14,7 @@ void register_bench_commands(CLI::App& app);   // bench train --config FILE
 void register_export_commands(CLI::App& app);  // export --format hf
 void register_import_commands(CLI::App& app);  // import --from <hf dir> (+ sparse upcycling)
 
+void register_analyze_commands(CLI::App& app);  // analyze routing | saturation | forgetting
+void register_eval_commands(CLI::App& app);     // eval [make-tasks]
+
 }  // namespace moecpt::cli

@@ -38,6 +38,8 @@ int main(int argc, char** argv) {
   moecpt::cli::register_bench_commands(app);
   moecpt::cli::register_export_commands(app);
   moecpt::cli::register_import_commands(app);
+  moecpt::cli::register_analyze_commands(app);
+  moecpt::cli::register_eval_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
