@@ -341,6 +341,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     const std::string dir = step_dir(out, step);
     check_in_sync();
     if (!root) return dir;
+    metrics.flush();  // every line up to this step is on disk before the checkpoint exists (SIGKILL-safe resume)
     save_checkpoint(dir, *m, optimizer.get(), trainer_state(step), cfg);
     auto all = step_checkpoints(out);
     for (size_t i = 0; i + size_t(cfg.train.keep_last) < all.size(); ++i) remove_checkpoint(all[i].second);
