@@ -6,6 +6,7 @@
 
 #include "core/config.h"
 #include "model/flops.h"
+#include "report/study.h"
 
 using namespace moecpt;
 using namespace moecpt::model;
@@ -26,8 +27,12 @@ TEST(ModelRecipes, EveryRecipeLoads) {
     const std::string path = entry.path().string();
     // recipes/data/ holds data-preparation configs (tokenizer, corpora); all
     // others are run configs.
+    // recipes/study/ holds study recipes (a plan of arms, see docs/study.md).
     const bool is_data_prep = entry.path().parent_path().filename() == "data";
-    if (is_data_prep) {
+    const bool is_study = entry.path().parent_path().filename() == "study";
+    if (is_study) {
+      EXPECT_NO_THROW(report::plan_study(path, (fs::temp_directory_path() / "moecpt-recipe-plan").string(), true)) << path;
+    } else if (is_data_prep) {
       EXPECT_NO_THROW(load_data_prep_config(path)) << path;
     } else {
       EXPECT_NO_THROW(load_config(path)) << path;
