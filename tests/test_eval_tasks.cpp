@@ -87,7 +87,14 @@ const std::vector<std::pair<std::string, std::string>> kFacts = {
 
 TEST(EvalTasks, ObviousTaskIsSolvedByAModelTrainedOnIt) {
   testing::TempDir dir;
-  const std::string tok_path = kSrc + "/data/tokenizer/moecpt.model";
+  // A small tokenizer trained here on the shipped English corpus (the study's
+  // 8192-piece model is built by `data tokenizer train`, not shipped in git).
+  TokenizerConfig tc;
+  tc.model = dir / "tok/facts.model";
+  tc.vocab_size = 400;
+  tc.max_sentences = 2000;
+  train_tokenizer(tc, {read_documents(kSrc + "/data/corpora/en.jsonl")});
+  const std::string tok_path = tc.model;
   Tokenizer tok(tok_path);
   // A shard of the facts repeated as documents, in a fixed shuffled order.
   std::vector<uint32_t> toks;
