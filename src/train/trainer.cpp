@@ -16,6 +16,7 @@
 #include "data/mixture.h"
 #include "data/shard.h"
 #include "model/flops.h"
+#include "model/fused_ce.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
@@ -49,10 +50,26 @@ StepLosses forward_losses(model::Transformer& m, const torch::Tensor& windows_BT
   const int64_t T = windows_BT1.size(1) - 1;
   auto inputs = windows_BT1.narrow(1, 0, T);
   auto targets = windows_BT1.narrow(1, 1, T);
-  auto out = m->forward(inputs);
-  auto lm = torch::nn::functional::cross_entropy(out.logits_BTV.reshape({-1, out.logits_BTV.size(-1)}).to(torch::kFloat32),
-                                                 targets.reshape({-1}));
-  return {lm, out.aux_loss, out.z_loss, std::move(out.routing)};
+  // Output head and cross-entropy fused (model/fused_ce.h): same loss and
+  // gradients as cross_entropy(logits), without the [B·T, V] logits in memory.
+  auto out = model::forward_loss(*m, inputs, targets);
+  return {out.lm_loss, out.aux_loss, out.z_loss, std::move(out.routing)};
+}
+
+// Global-norm gradient clipping on the device: the same maths as LibTorch's
+// clip_grad_norm_ (coef = max_norm / (norm + 1e-6), applied when < 1) without its
+// .item(). Returns the pre-clip norm as a 0-d fp32 device tensor (undefined if
+// no parameter has a gradient).
+torch::Tensor clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm) {
+  std::vector<torch::Tensor> norms;
+  for (const auto& p : params)
+    if (p.grad().defined()) norms.push_back(p.grad().norm(2).to(torch::kFloat32));
+  if (norms.empty()) return {};  // no gradients: nothing to clip, norm reported as 0
+  auto total = torch::stack(norms).norm(2);
+  auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
+  for (const auto& p : params)
+    if (p.grad().defined()) p.grad().mul_(coef.to(p.grad().scalar_type()));
+  return total;
 }
 
 // Routing statistics of one layer from its per-expert slot counts (SPEC §5):
@@ -383,8 +400,11 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     Batch batch = sampler.next();
     auto windows = to_tensor(batch, dev);
     optimizer->zero_grad();
-    double lm = 0, aux = 0, z = 0;
-    std::vector<torch::Tensor> counts;  // per MoE layer, summed over micro-batches
+    // Losses and expert counts stay on the device during the step and come to
+    // the host in one copy after the backward (with the grad norm): one host
+    // sync per step, not three per micro-batch plus one per MoE layer.
+    torch::Tensor losses_dev;           // [lm, aux, z] mean over micro-batches, fp64
+    std::vector<torch::Tensor> counts;  // per MoE layer, summed over micro-batches (on the device)
     std::vector<int64_t> sk_iters;  // Sinkhorn convergence per MoE layer (last micro-batch)
     std::vector<double> sk_error;
     set_dp_sum(true);
@@ -401,9 +421,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       // Equal-sized micro-batches: the mean of their losses is the batch loss
       // (and with W ranks, the mean over ranks after the gradient all-reduce).
       ((l.lm + l.aux + l.z) / double(n_micro)).backward();
-      lm += l.lm.item<double>() / double(n_micro);
-      aux += l.aux.item<double>() / double(n_micro);
-      z += l.z.item<double>() / double(n_micro);
+      auto mb_losses = torch::stack({l.lm.detach(), l.aux.detach(), l.z.detach()}).to(torch::kFloat64) / double(n_micro);
+      losses_dev = losses_dev.defined() ? losses_dev + mb_losses : mb_losses;
       if (counts.empty()) counts.resize(l.routing.size());
       for (size_t i = 0; i < l.routing.size(); ++i)
         counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
@@ -412,22 +431,37 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
         if (r.sinkhorn_iters >= 0) sk_iters.push_back(r.sinkhorn_iters), sk_error.push_back(r.sinkhorn_error);
     }
     set_dp_sum(false);
+    // [lm, aux, z, (stop), counts of every MoE layer…] as one fp64 device vector.
+    std::vector<torch::Tensor> parts{losses_dev};
+    if (group) parts.push_back(torch::full({1}, g_stop ? 1.0 : 0.0, losses_dev.options()));
+    for (auto& c : counts) parts.push_back(c.to(torch::kFloat64));
+    auto stats_dev = torch::cat(parts);
     if (group) {
       reducer->finish();  // gradients = mean over ranks
       // Losses (mean over ranks of equal-sized shares), routed-slot counts (sum)
       // and stop requests in one all-reduce: every rank sees the global values.
-      std::vector<torch::Tensor> parts{torch::tensor({lm, aux, z, g_stop ? 1.0 : 0.0}, torch::kFloat64).to(dev)};
-      for (auto& c : counts) parts.push_back(c.to(torch::kFloat64));
-      auto all = group->sum(torch::cat(parts), "step statistics all-reduce").cpu();
-      lm = all[0].item<double>() / double(W);
-      aux = all[1].item<double>() / double(W);
-      z = all[2].item<double>() / double(W);
-      stop_agreed = all[3].item<double>() > 0;
-      int64_t off = 4;
-      for (auto& c : counts) {
-        c = all.narrow(0, off, c.numel()).to(torch::kInt64).to(dev);
-        off += c.numel();
-      }
+      stats_dev = group->sum(stats_dev, "step statistics all-reduce");
+      stats_dev.narrow(0, 0, 3).div_(double(W));
+    }
+    const int64_t counts_at = group ? 4 : 3;
+    int64_t off = counts_at;
+    for (auto& c : counts) {  // the step's counts (global with W ranks), still on the device
+      c = stats_dev.narrow(0, off, c.numel()).to(torch::kInt64);
+      off += c.numel();
+    }
+    // Clipping before the finiteness check is harmless: a non-finite step is skipped or aborts.
+    torch::Tensor grad_norm_dev;
+    if (cfg.optim.grad_clip > 0) grad_norm_dev = clip_grad_norm_on_device(m->parameters(), cfg.optim.grad_clip);
+    if (grad_norm_dev.defined()) stats_dev = torch::cat({stats_dev, grad_norm_dev.to(torch::kFloat64).reshape({1})});
+    const auto stats = stats_dev.cpu();  // the step's one host sync
+    const double* sv = stats.data_ptr<double>();
+    const double lm = sv[0], aux = sv[1], z = sv[2];
+    if (group) stop_agreed = sv[3] > 0;
+    std::vector<torch::Tensor> host_counts;
+    off = counts_at;
+    for (const auto& c : counts) {
+      host_counts.push_back(stats.narrow(0, off, c.numel()));
+      off += c.numel();
     }
     if (!std::isfinite(lm) || !std::isfinite(aux) || !std::isfinite(z)) {
       if (cfg.train.on_nonfinite == "skip") {
@@ -441,9 +475,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
                   (last_good.empty() ? "none (the run started from scratch)" : last_good) +
                   ". Lower optim.lr, or set train.on_nonfinite = \"skip\"");
     }
-    double grad_norm = 0;
-    if (cfg.optim.grad_clip > 0)
-      grad_norm = torch::nn::utils::clip_grad_norm_(m->parameters(), cfg.optim.grad_clip);
+    const double grad_norm = grad_norm_dev.defined() ? sv[stats.numel() - 1] : 0.0;
     optimizer->step();
     m->update_router_biases(counts);  // aux-loss-free balancing; no-op for other routers
     ++step;
@@ -465,7 +497,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     if (!counts.empty()) {
       std::vector<double> mri;
       std::vector<std::vector<double>> loads;
-      for (const auto& c : counts) {
+      for (const auto& c : host_counts) {
         auto st = routing_stats(c, tokens_per_step);
         mri.push_back(st.mri);
         loads.push_back(std::move(st.loads));
