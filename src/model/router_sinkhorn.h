@@ -14,8 +14,9 @@ struct SinkhornResult {
 
 // The SPEC §3 iteration on C = exp(z - rowmax(z)) (the row shift is absorbed by d0):
 //   d0 = (1/T) / (C d1 + eps);  d1 = (1/E) / (Cᵀ d0 + eps)
-// until mean |d1 - d1_prev| < tol or max_iters. No gradient. One host sync per
-// iteration for the stopping test.
+// until mean |d1 - d1_prev| < tol or max_iters. No gradient. The stopping test
+// is a host read: every iteration on the CPU, every 8th on a GPU
+// (MOECPT_SINKHORN_CHECK_EVERY overrides; router_sinkhorn.cpp).
 SinkhornResult sinkhorn_balance(const torch::Tensor& logits_TE, double tol, int64_t max_iters,
                                 double eps = 1e-8);
 
