@@ -2,6 +2,8 @@
 // is complete and consistent with the library's FLOP count.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+
 #include <nlohmann/json.hpp>
 
 #include "core/config.h"
@@ -55,4 +57,40 @@ TEST(BenchCli, CudaWithoutGpuIsAClearError) {
   if (r.exit_code == 0) GTEST_SKIP() << "this build has CUDA and a device";
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_NE(r.output.find("no CUDA device"), std::string::npos) << r.output;
+}
+
+// One MoE layer, both expert-GEMM paths where the build has them: the JSON
+// names the path that ran and compares the bf16 paths with the fp32 reference.
+TEST(BenchCli, MoeLayerComparesExpertGemmPaths) {
+  auto r = moecpt::testing::run_moecpt("bench moe-layer --config " + kRecipes + "mini/granular-aux.toml" + kTiny +
+                                       " --tokens 64 --reps 1 --warmup 0 --device cpu --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["tokens"].get<int64_t>(), 64);
+  EXPECT_EQ(j["loop"]["path"], "loop");
+  for (const char* k : {"y", "grad_x", "grad_w1", "grad_w3", "grad_w2"}) {
+    const double e = j["compare"][k]["loop_bf16_rel_err_vs_fp32"].get<double>();
+    EXPECT_GT(e, 0) << k;     // bf16 is not fp32 …
+    EXPECT_LT(e, 3e-2) << k;  // … but close to it
+  }
+  int major = 0, minor = 0;
+  ASSERT_EQ(std::sscanf(j["torch_version"].get<std::string>().c_str(), "%d.%d", &major, &minor), 2);
+  EXPECT_EQ(j.contains("grouped"), major > 2 || (major == 2 && minor >= 8));  // at::_grouped_mm since 2.8
+}
+
+TEST(BenchCli, ExpertGemmOptionIsCheckedAndReported) {
+  auto bad = moecpt::testing::run_moecpt("bench train --config " + kRecipes + "mini/switch-aux.toml" + kTiny +
+                                         " --steps 1 --warmup 0 --batch 1 --expert-gemm fast");
+  EXPECT_NE(bad.exit_code, 0);
+  auto r = moecpt::testing::run_moecpt("bench train --config " + kRecipes + "mini/switch-aux.toml" + kTiny +
+                                       " --layers 1 --steps 1 --warmup 0 --batch 1 --threads 1 --peak-tflops 1"
+                                       " --expert-gemm loop --accum 2 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["accum_micro_batches"].get<int64_t>(), 2);
+  EXPECT_EQ(j["tokens_per_step"].get<int64_t>(), 2 * 1 * 16);  // accum × batch × seq_len
+  EXPECT_EQ(j["expert_gemm"]["mode"], "loop");
+  EXPECT_EQ(j["expert_gemm"]["path"], "loop");
+  EXPECT_EQ(j["expert_gemm"]["timed_loop_calls"].get<int64_t>(), 2);  // 1 layer × 2 micro-batches × 1 step
+  EXPECT_EQ(j["expert_gemm"]["timed_grouped_calls"].get<int64_t>(), 0);
 }

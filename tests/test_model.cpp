@@ -6,8 +6,11 @@
 #include <ATen/autocast_mode.h>
 
 #include "model/attention.h"
+#include "core/error.h"
 #include "model/flops.h"
+#include "model/grouped_gemm.h"
 #include "model/moe.h"
+#include "model/torch_compat.h"
 #include "model/router_bias.h"
 #include "model/transformer.h"
 
@@ -134,6 +137,51 @@ TEST(ModelMoE, GradientsMatchFiniteDifferences) {
   expect_grad_matches_fd(f, moe->experts->w1_EDH, {0, 31, 77}, "experts.w1");
   expect_grad_matches_fd(f, moe->experts->w2_EHD, {2, 40, 88}, "experts.w2");
   expect_grad_matches_fd(f, moe->shared->w3->weight, {1, 20}, "shared.w3");
+}
+
+// The grouped expert GEMM (at::_grouped_mm, LibTorch >= 2.8) computes the same
+// layer as the per-expert loop: outputs and gradients, in fp32 on the CPU (ATen's
+// reference implementation; the CUDA kernel is compared by `moecpt bench
+// moe-layer` on a GPU). Builds without it refuse the forced mode by name.
+TEST(ModelMoE, ExpertGemmPathsAgree) {
+  auto mc = tiny_config("moe");
+  mc.n_experts = 5;
+  mc.top_k = 2;
+  mc.expert_hidden = 8;  // multiples of 8: _grouped_mm's 16-byte rows
+  RouterConfig rc;
+  torch::manual_seed(11);
+  MoE moe(mc, rc, 0.3);
+  auto x = torch::randn({2, 9, mc.d_model}).requires_grad_(true);
+  auto R = torch::randn({2, 9, mc.d_model});
+  const std::vector<torch::Tensor> wrt{x, moe->experts->w1_EDH, moe->experts->w3_EDH, moe->experts->w2_EHD};
+  auto run = [&](ExpertGemm mode) {
+    set_expert_gemm_mode(mode);
+    auto y = moe(x).y_BTD;
+    auto g = torch::autograd::grad({(y * R).sum()}, wrt);
+    g.insert(g.begin(), y.detach());
+    return g;
+  };
+  EXPECT_THROW(parse_expert_gemm("fast"), moecpt::Error);
+  EXPECT_EQ(parse_expert_gemm("grouped"), ExpertGemm::kGrouped);
+  const auto loop = run(ExpertGemm::kLoop);
+#if MOECPT_TORCH_AT_LEAST(2, 8)
+  const auto before = expert_gemm_calls();
+  const auto grouped = run(ExpertGemm::kGrouped);
+  set_expert_gemm_mode(ExpertGemm::kAuto);
+  EXPECT_EQ(expert_gemm_calls().grouped, before.grouped + 1);
+  ASSERT_EQ(grouped.size(), loop.size());
+  for (size_t i = 0; i < loop.size(); ++i)
+    EXPECT_TRUE(torch::allclose(grouped[i], loop[i], 1e-5, 1e-6)) << "output " << i;
+#else
+  EXPECT_FALSE(grouped_mm_compiled());
+  try {
+    run(ExpertGemm::kGrouped);
+    ADD_FAILURE() << "grouped mode ran without at::_grouped_mm";
+  } catch (const moecpt::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(">= 2.8"), std::string::npos) << e.what();
+  }
+  set_expert_gemm_mode(ExpertGemm::kAuto);
+#endif
 }
 
 TEST(ModelAttention, GradientsMatchFiniteDifferences) {

@@ -4,17 +4,24 @@
 // a CUDA LibTorch (docs/performance.md says how).
 //
 // The step is the trainer's: forward (bf16 autocast when asked, router fp32),
-// LM + aux + z loss, backward, global grad-norm clip, AdamW — with the output
-// head and its cross-entropy fused (model::forward_loss) unless
-// --unfused-head. The clip is done on
-// the device (no .item()), and the loss is read once after the timed steps, so
-// the only host sync inside a step is the MoE dispatch's one copy of the group
-// sizes per MoE layer (model/moe.cpp). Each step is timed between device
+// LM + aux + z loss, backward (over --accum micro-batches), global grad-norm
+// clip, AdamW — with the output head and its cross-entropy fused
+// (model::forward_loss) unless --unfused-head. The clip is done on the device
+// (no .item()), and the loss is read once after the timed steps. Host syncs
+// left inside a step: with the per-expert loop the MoE dispatch copies the
+// group sizes once per MoE layer (model/moe.cpp; none with the grouped GEMM,
+// model/grouped_gemm.h), and Sinkhorn reads its error every 8th iteration on a
+// GPU (model/router_sinkhorn.cpp). Each step is timed between device
 // synchronisations (a no-op on CPU).
+//
+// `moecpt bench moe-layer` times one MoE layer with each expert-GEMM path and
+// compares their outputs and gradients.
 #include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstdlib>
 #include <ctime>
 #include <cstdio>
 #include <iostream>
@@ -29,6 +36,8 @@
 #include "model/flops.h"
 #include "model/fused_ce.h"
 #include "model/fused_runtime.h"
+#include "model/grouped_gemm.h"
+#include "model/moe.h"
 #include "model/transformer.h"
 #include "train/optimizer.h"
 
@@ -43,12 +52,24 @@ struct BenchOptions {
   int64_t steps = 10;
   int64_t warmup = 2;
   int64_t batch = 0;  // sequences; 0 = the config's train.batch_size
+  int64_t accum = 1;  // micro-batches of `batch` sequences per optimizer step
   int64_t threads = 0;
   std::string device;  // "" = the config's run.device
   std::string dtype;   // "" = the config's run.dtype
   double peak_tflops = 0;
   bool json = false;
   bool unfused_head = false;  // logits + cross_entropy instead of the fused op
+  std::string expert_gemm;    // "" = MOECPT_EXPERT_GEMM or auto (model/grouped_gemm.h)
+};
+
+struct MoeLayerOptions {
+  std::string config;
+  std::vector<std::string> overrides;
+  int64_t tokens = 16384;
+  int64_t reps = 10;
+  int64_t warmup = 2;
+  std::string device;  // "" = the config's run.device
+  bool json = false;
 };
 
 double peak_rss_mib() {
@@ -82,6 +103,19 @@ std::string gpu_name() {
   }
   while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
   return name;
+}
+
+// GPU memory in use on the device as nvidia-smi reports it (MiB), or -1. Read
+// right after the timed steps, it is what PyTorch's caching allocator holds,
+// i.e. about the peak the steps needed plus the allocator's slack.
+double gpu_memory_used_mib() {
+  double mib = -1;
+  if (FILE* p = ::popen("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null", "r")) {
+    char buf[64];
+    if (std::fgets(buf, sizeof buf, p)) mib = std::atof(buf);
+    ::pclose(p);
+  }
+  return mib;
 }
 
 // Best of a few n×n matmuls in `dtype` on the CPU: the throughput that MFU on a
@@ -124,7 +158,8 @@ void run_bench_train(const BenchOptions& o) {
   ModelConfig mc = cfg.model;
   const int64_t config_layers = mc.n_layers;
   if (o.layers > 0) mc.n_layers = o.layers;
-  if (o.steps < 1 || o.warmup < 0) throw Error("bench train: --steps must be >= 1 and --warmup >= 0");
+  if (o.steps < 1 || o.warmup < 0 || o.accum < 1)
+    throw Error("bench train: --steps and --accum must be >= 1 and --warmup >= 0");
   const std::string device_name = o.device.empty() ? cfg.run.device : o.device;
   const std::string dtype = o.dtype.empty() ? cfg.run.dtype : o.dtype;
   if (device_name != "cpu" && device_name != "cuda")
@@ -140,6 +175,7 @@ void run_bench_train(const BenchOptions& o) {
                                             : int(std::max(1u, std::thread::hardware_concurrency()));
   torch::set_num_threads(threads);
   compat::set_blas_threads(1);
+  if (!o.expert_gemm.empty()) model::set_expert_gemm_mode(model::parse_expert_gemm(o.expert_gemm));
 
   const int64_t B = o.batch > 0 ? o.batch : cfg.train.batch_size, T = mc.seq_len;
   torch::manual_seed(uint64_t(cfg.run.seed));
@@ -152,32 +188,40 @@ void run_bench_train(const BenchOptions& o) {
   auto inputs_BT = tokens.narrow(1, 0, T).contiguous(), targets_BT = tokens.narrow(1, 1, T).contiguous();
 
   torch::Tensor loss;
+  // One optimizer step over `accum` micro-batches of B sequences (gradient
+  // accumulation, as the trainer does for large batches): the optimizer and the
+  // clip run once per accum forward/backward passes.
+  const int64_t accum = o.accum;
   auto step = [&] {
     opt->zero_grad();
-    torch::Tensor total;
-    {
-      std::optional<compat::Autocast> autocast;
-      if (dtype == "bfloat16") autocast.emplace(dev);
-      torch::Tensor lm, aux, z;
-      if (o.unfused_head) {
-        auto out = model(inputs_BT);
-        lm = torch::cross_entropy_loss(out.logits_BTV.reshape({-1, mc.vocab_size}).to(torch::kFloat32),
-                                       targets_BT.reshape({-1}));
-        aux = out.aux_loss, z = out.z_loss;
-      } else {
-        auto out = model::forward_loss(*model, inputs_BT, targets_BT);
-        lm = out.lm_loss, aux = out.aux_loss, z = out.z_loss;
+    for (int64_t a = 0; a < accum; ++a) {
+      torch::Tensor total;
+      {
+        std::optional<compat::Autocast> autocast;
+        if (dtype == "bfloat16") autocast.emplace(dev);
+        torch::Tensor lm, aux, z;
+        if (o.unfused_head) {
+          auto out = model(inputs_BT);
+          lm = torch::cross_entropy_loss(out.logits_BTV.reshape({-1, mc.vocab_size}).to(torch::kFloat32),
+                                         targets_BT.reshape({-1}));
+          aux = out.aux_loss, z = out.z_loss;
+        } else {
+          auto out = model::forward_loss(*model, inputs_BT, targets_BT);
+          lm = out.lm_loss, aux = out.aux_loss, z = out.z_loss;
+        }
+        loss = lm.detach();
+        total = lm + aux + z;
+        if (accum > 1) total = total / double(accum);
       }
-      loss = lm.detach();
-      total = lm + aux + z;
+      total.backward();
     }
-    total.backward();
     if (cfg.optim.grad_clip > 0) clip_grad_norm_on_device(params, cfg.optim.grad_clip);
     opt->step();
   };
 
   for (int64_t i = 0; i < o.warmup; ++i) step();
   sync(dev);
+  const auto calls_before = model::expert_gemm_calls();
   std::vector<double> step_s, cpu_s;  // wall clock; CPU time of this process (all threads)
   const auto t_all = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) {
@@ -190,8 +234,16 @@ void run_bench_train(const BenchOptions& o) {
   }
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
   const double final_loss = loss.item<double>();
+  const auto calls_after = model::expert_gemm_calls();
+  const int64_t grouped_calls = calls_after.grouped - calls_before.grouped;
+  const int64_t loop_calls = calls_after.loop - calls_before.loop;
+  const std::string expert_path = mc.ffn != "moe"          ? "none"
+                                  : grouped_calls && loop_calls ? "mixed"
+                                  : grouped_calls              ? "grouped"
+                                                               : "loop";
+  const double gpu_mib = dev.is_cuda() ? gpu_memory_used_mib() : -1.0;
 
-  const double tokens_per_step = double(B * T);
+  const double tokens_per_step = double(accum * B * T);
   const double med_s = median(step_s);
   const double tokens_per_s = tokens_per_step / med_s;
   const int64_t flops_per_token = model::train_flops_per_token(mc);
@@ -228,6 +280,7 @@ void run_bench_train(const BenchOptions& o) {
       {"head", o.unfused_head ? "unfused (logits + cross_entropy)" : "fused linear + cross-entropy"},
       {"threads", threads},
       {"batch_sequences", B},
+      {"accum_micro_batches", accum},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
       {"steps", o.steps},
@@ -243,6 +296,13 @@ void run_bench_train(const BenchOptions& o) {
       {"peak_source", peak_source},
       {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)},
       {"peak_rss_mib", peak_rss_mib()},
+      {"gpu_memory_used_mib", gpu_mib >= 0 ? nlohmann::json(gpu_mib) : nlohmann::json(nullptr)},
+      {"expert_gemm", {{"mode", model::expert_gemm_name(model::expert_gemm_mode())},
+                       {"path", expert_path},
+                       {"grouped_mm_compiled", model::grouped_mm_compiled()},
+                       {"timed_grouped_calls", grouped_calls},
+                       {"timed_loop_calls", loop_calls}}},
+      {"torch_version", TORCH_VERSION},
       {"final_loss", final_loss},
   };
   if (o.json) {
@@ -258,8 +318,8 @@ void run_bench_train(const BenchOptions& o) {
   std::printf("  device: %s%s, dtype %s, %d threads, %s head\n", device_name.c_str(),
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
               o.unfused_head ? "unfused" : "fused");
-  std::printf("  batch: %lld x %lld = %.0f tokens/step; %lld warm-up + %lld timed steps\n", (long long)B,
-              (long long)T, tokens_per_step, (long long)o.warmup, (long long)o.steps);
+  std::printf("  batch: %lld x %lld x %lld micro-batch(es) = %.0f tokens/step; %lld warm-up + %lld timed steps\n",
+              (long long)B, (long long)T, (long long)accum, tokens_per_step, (long long)o.warmup, (long long)o.steps);
   std::printf("  step: %.1f ms median (min %.1f, max %.1f)\n", 1e3 * med_s,
               1e3 * *std::min_element(step_s.begin(), step_s.end()),
               1e3 * *std::max_element(step_s.begin(), step_s.end()));
@@ -269,7 +329,132 @@ void run_bench_train(const BenchOptions& o) {
     std::printf("  MFU: %.1f %% of %.4g TFLOP/s (%s)\n", 100.0 * mfu, peak, peak_source.c_str());
   else
     std::printf("  MFU: n/a (%s)\n", peak_source.c_str());
+  if (mc.ffn == "moe")
+    std::printf("  expert GEMM: %s (mode %s; LibTorch %s)\n", expert_path.c_str(),
+                model::expert_gemm_name(model::expert_gemm_mode()), TORCH_VERSION);
+  if (gpu_mib >= 0) std::printf("  GPU memory in use after the steps: %.0f MiB\n", gpu_mib);
   std::printf("  peak RSS: %.0f MiB; final loss %.4f\n", peak_rss_mib(), final_loss);
+}
+
+// `moecpt bench moe-layer`: one MoE layer of a config (router + dispatch +
+// experts + combine + shared experts) on random inputs, forward + backward with
+// each expert-GEMM path, timed, and compared: the bf16 paths against each other
+// and against an fp32 reference (the loop path without autocast).
+struct LayerRun {
+  std::vector<torch::Tensor> outs;  // y, dL/dx, dL/dw1, dL/dw3, dL/dw2 (fp32, detached)
+  std::vector<double> ms;           // forward + backward per repetition
+  std::string path;
+};
+
+void run_bench_moe_layer(const MoeLayerOptions& o) {
+  Config cfg = load_config(o.config, o.overrides);
+  const ModelConfig& mc = cfg.model;
+  if (mc.ffn != "moe") throw Error("bench moe-layer: " + o.config + " is not an MoE model (model.ffn = \"" + mc.ffn + "\")");
+  if (o.tokens < 1 || o.reps < 1 || o.warmup < 0)
+    throw Error("bench moe-layer: --tokens and --reps must be >= 1, --warmup >= 0");
+  const std::string device_name = o.device.empty() ? cfg.run.device : o.device;
+  if (device_name != "cpu" && device_name != "cuda")
+    throw Error("bench moe-layer: --device must be cpu or cuda, got '" + device_name + "'");
+  if (device_name == "cuda" && !torch::cuda::is_available())
+    throw Error("bench moe-layer: --device cuda, but this build/machine has no CUDA device");
+  const torch::Device dev(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+  compat::set_blas_threads(1);
+  torch::manual_seed(uint64_t(cfg.run.seed));
+  model::MoE moe(mc, cfg.router, mc.init_std / std::sqrt(2.0 * double(mc.n_layers)));
+  moe->to(dev);
+  moe->train();
+  auto x = torch::randn({1, o.tokens, mc.d_model}, torch::TensorOptions().device(dev)).requires_grad_(true);
+  auto gy = torch::randn({1, o.tokens, mc.d_model}, torch::TensorOptions().device(dev));
+  const std::vector<torch::Tensor> wrt{x, moe->experts->w1_EDH, moe->experts->w3_EDH, moe->experts->w2_EHD};
+  const char* names[] = {"y", "grad_x", "grad_w1", "grad_w3", "grad_w2"};
+
+  auto once = [&](bool bf16) {
+    std::optional<compat::Autocast> autocast;
+    if (bf16) autocast.emplace(dev);
+    auto y = moe->forward(x).y_BTD;
+    autocast.reset();
+    auto g = torch::autograd::grad({(y.to(torch::kFloat32) * gy).sum()}, wrt);
+    std::vector<torch::Tensor> outs{y.detach().to(torch::kFloat32)};
+    for (auto& t : g) outs.push_back(t.to(torch::kFloat32));
+    return outs;
+  };
+  auto run = [&](model::ExpertGemm mode, bool bf16, int64_t reps) {
+    model::set_expert_gemm_mode(mode);
+    LayerRun r;
+    for (int64_t i = 0; i < o.warmup; ++i) once(bf16);
+    sync(dev);
+    const auto before = model::expert_gemm_calls();
+    for (int64_t i = 0; i < reps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      r.outs = once(bf16);
+      sync(dev);
+      r.ms.push_back(1e3 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const auto after = model::expert_gemm_calls();
+    r.path = after.grouped > before.grouped ? (after.loop > before.loop ? "mixed" : "grouped") : "loop";
+    return r;
+  };
+  const auto ref = run(model::ExpertGemm::kLoop, /*bf16=*/false, 1);
+  const auto loop = run(model::ExpertGemm::kLoop, true, o.reps);
+  const bool have_grouped = model::grouped_mm_compiled();
+  LayerRun grouped;
+  if (have_grouped) grouped = run(model::ExpertGemm::kGrouped, true, o.reps);
+  model::set_expert_gemm_mode(model::ExpertGemm::kAuto);
+
+  auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+    return (a - b).norm().item<double>() / std::max(1e-30, b.norm().item<double>());
+  };
+  nlohmann::json cmp = nlohmann::json::object();
+  for (size_t i = 0; i < ref.outs.size(); ++i) {
+    nlohmann::json c = {{"loop_bf16_rel_err_vs_fp32", rel(loop.outs[i], ref.outs[i])},
+                        {"max_abs_ref", ref.outs[i].abs().max().item<double>()}};
+    if (have_grouped) {
+      c["grouped_rel_err_vs_fp32"] = rel(grouped.outs[i], ref.outs[i]);
+      c["max_abs_diff_grouped_vs_loop"] = (grouped.outs[i] - loop.outs[i]).abs().max().item<double>();
+      c["finite"] = bool(torch::isfinite(grouped.outs[i]).all().item<bool>());
+    }
+    cmp[names[i]] = c;
+  }
+  nlohmann::json j = {
+      {"config", o.config},
+      {"device", device_name},
+      {"gpu", dev.is_cuda() ? gpu_name() : ""},
+      {"torch_version", TORCH_VERSION},
+      {"tokens", o.tokens},
+      {"d_model", mc.d_model},
+      {"n_experts", mc.n_experts},
+      {"top_k", mc.top_k},
+      {"expert_hidden", mc.expert_hidden},
+      {"n_shared_experts", mc.n_shared_experts},
+      {"router", cfg.router.type},
+      {"dtype", "bfloat16 autocast (reference: fp32 loop)"},
+      {"reps", o.reps},
+      {"loop", {{"path", loop.path}, {"fwd_bwd_ms_median", median(loop.ms)}}},
+      {"compare", cmp},
+  };
+  if (have_grouped) j["grouped"] = {{"path", grouped.path}, {"fwd_bwd_ms_median", median(grouped.ms)}};
+  if (o.json) {
+    std::cout << j.dump(2) << "\n";
+    return;
+  }
+  std::printf("bench moe-layer: %s, %lld tokens, E %lld k %lld h_e %lld, %s\n", o.config.c_str(),
+              (long long)o.tokens, (long long)mc.n_experts, (long long)mc.top_k, (long long)mc.expert_hidden,
+              device_name.c_str());
+  std::printf("  loop    (%s): %.3f ms fwd+bwd (median of %lld)\n", loop.path.c_str(), median(loop.ms),
+              (long long)o.reps);
+  if (have_grouped)
+    std::printf("  grouped (%s): %.3f ms fwd+bwd\n", grouped.path.c_str(), median(grouped.ms));
+  else
+    std::printf("  grouped: not compiled (LibTorch %s < 2.8)\n", TORCH_VERSION);
+  for (size_t i = 0; i < ref.outs.size(); ++i) {
+    const auto& c = cmp[names[i]];
+    std::printf("  %-8s rel err vs fp32: loop %.2e", names[i], c["loop_bf16_rel_err_vs_fp32"].get<double>());
+    if (have_grouped)
+      std::printf(", grouped %.2e; max |grouped - loop| %.3e (max |ref| %.3e)",
+                  c["grouped_rel_err_vs_fp32"].get<double>(), c["max_abs_diff_grouped_vs_loop"].get<double>(),
+                  c["max_abs_ref"].get<double>());
+    std::printf("\n");
+  }
 }
 
 }  // namespace
@@ -287,6 +472,8 @@ void register_bench_commands(CLI::App& app) {
   train->add_option("--steps", o->steps, "timed steps (default 10)");
   train->add_option("--warmup", o->warmup, "untimed warm-up steps (default 2)");
   train->add_option("--batch", o->batch, "sequences per step (default: train.batch_size)");
+  train->add_option("--accum", o->accum,
+                    "micro-batches of --batch sequences per optimizer step (gradient accumulation; default 1)");
   train->add_option("--threads", o->threads, "CPU intra-op threads (default: run.threads, 0 = all cores)");
   train->add_option("--device", o->device, "cpu | cuda (default: run.device)");
   train->add_option("--dtype", o->dtype, "float32 | bfloat16 autocast (default: run.dtype)");
@@ -295,8 +482,25 @@ void register_bench_commands(CLI::App& app) {
                     "measured matmul peak)");
   train->add_flag("--unfused-head", o->unfused_head,
                   "materialise the logits and call cross_entropy (the trainer's path) instead of the fused op");
+  train->add_option("--expert-gemm", o->expert_gemm,
+                    "MoE expert GEMMs: auto | grouped (at::_grouped_mm, LibTorch >= 2.8) | loop (per-expert mm); "
+                    "default MOECPT_EXPERT_GEMM or auto")
+      ->check(CLI::IsMember({"auto", "grouped", "loop"}));
   train->add_flag("--json", o->json, "print one JSON object");
   train->callback([o] { run_bench_train(*o); });
+
+  auto lo = std::make_shared<MoeLayerOptions>();
+  auto* layer = bench->add_subcommand(
+      "moe-layer",
+      "one MoE layer forward + backward with each expert-GEMM path: time, and difference to each other and to fp32");
+  layer->add_option("--config", lo->config, "recipe TOML of an MoE model")->required()->check(CLI::ExistingFile);
+  layer->add_option("--set", lo->overrides, "override a config value");
+  layer->add_option("--tokens", lo->tokens, "tokens in the batch (default 16384)");
+  layer->add_option("--reps", lo->reps, "timed repetitions per path (default 10)");
+  layer->add_option("--warmup", lo->warmup, "untimed repetitions per path (default 2)");
+  layer->add_option("--device", lo->device, "cpu | cuda (default: run.device)");
+  layer->add_flag("--json", lo->json, "print one JSON object");
+  layer->callback([lo] { run_bench_moe_layer(*lo); });
 }
 
 }  // namespace moecpt::cli

@@ -1,6 +1,11 @@
 #include "model/moe.h"
 
+#include <atomic>
+#include <cstdlib>
+
 #include "core/error.h"
+#include "model/fused_runtime.h"  // torch_compat.h + autocast_enabled
+#include "model/grouped_gemm.h"
 
 namespace moecpt::model {
 
@@ -13,12 +18,86 @@ GroupedExpertsImpl::GroupedExpertsImpl(int64_t n_experts, int64_t d_model, int64
   w2_EHD = register_parameter("w2", torch::randn({n_experts, hidden, d_model}) * out_std);
 }
 
+namespace {
+
+std::atomic<int> g_mode{-1};  // -1: not yet read from the environment
+std::atomic<int64_t> g_grouped_calls{0}, g_loop_calls{0};
+
+}  // namespace
+
+ExpertGemm parse_expert_gemm(const std::string& name) {
+  if (name == "auto") return ExpertGemm::kAuto;
+  if (name == "grouped") return ExpertGemm::kGrouped;
+  if (name == "loop") return ExpertGemm::kLoop;
+  throw Error("expert GEMM path must be auto, grouped or loop (MOECPT_EXPERT_GEMM / --expert-gemm), got '" + name +
+              "'");
+}
+
+const char* expert_gemm_name(ExpertGemm mode) {
+  switch (mode) {
+    case ExpertGemm::kGrouped: return "grouped";
+    case ExpertGemm::kLoop: return "loop";
+    default: return "auto";
+  }
+}
+
+ExpertGemm expert_gemm_mode() {
+  int m = g_mode.load();
+  if (m < 0) {
+    const char* v = std::getenv("MOECPT_EXPERT_GEMM");
+    m = int(v && *v ? parse_expert_gemm(v) : ExpertGemm::kAuto);
+    g_mode.store(m);
+  }
+  return ExpertGemm(m);
+}
+
+void set_expert_gemm_mode(ExpertGemm mode) { g_mode.store(int(mode)); }
+
+bool grouped_mm_compiled() {
+#if MOECPT_TORCH_AT_LEAST(2, 8)
+  return true;
+#else
+  return false;
+#endif
+}
+
+ExpertGemmCalls expert_gemm_calls() { return {g_grouped_calls.load(), g_loop_calls.load()}; }
+
 torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
                                           const torch::Tensor& tokens_per_expert_E) {
-  // LibTorch 1.13 has no grouped GEMM, so: one host copy of the E group sizes per
-  // layer (not one sync per expert), then a plain mm per non-empty group on
-  // zero-copy slices. unbind() (not w[e]) keeps the backward to a single stack
-  // of the expert gradients instead of E full-size zero tensors.
+  const auto mode = expert_gemm_mode();
+  bool grouped = mode == ExpertGemm::kGrouped;
+  if (mode == ExpertGemm::kAuto)
+    grouped = grouped_mm_compiled() && x_SD.is_cuda() &&
+              (x_SD.scalar_type() == torch::kBFloat16 || compat::autocast_enabled(x_SD.device()));
+  if (grouped) {
+#if MOECPT_TORCH_AT_LEAST(2, 8)
+    // One grouped GEMM per projection over all experts; group e is rows
+    // [offs[e-1], offs[e]) of x (offs = inclusive cumsum of the counts, int32,
+    // on the device: nothing is read back). Weights are [E, K, N] row-major,
+    // as _grouped_mm's 2d × 3d form wants; autograd has its backward
+    // (_grouped_mm_mat1/mat2_backward, themselves grouped GEMMs).
+    // bf16 on CUDA (the fast kernel's only dtype) and under autocast; on the
+    // CPU without autocast the input's dtype (fp32: ATen's reference loop,
+    // which tests compare with ours).
+    const auto dt = x_SD.is_cuda() || compat::autocast_enabled(x_SD.device()) ? torch::kBFloat16 : x_SD.scalar_type();
+    compat::NoAutocast no_autocast;  // explicit dtypes below
+    auto offs_E = tokens_per_expert_E.cumsum(0, torch::kInt32);
+    auto x = x_SD.to(dt);
+    auto h1 = at::_grouped_mm(x, w1_EDH.to(dt), offs_E);
+    auto h3 = at::_grouped_mm(x, w3_EDH.to(dt), offs_E);
+    ++g_grouped_calls;
+    return at::_grouped_mm(act_(h1) * h3, w2_EHD.to(dt), offs_E);
+#else
+    throw Error("MOECPT_EXPERT_GEMM=grouped needs LibTorch >= 2.8 (at::_grouped_mm); this build has LibTorch " +
+                std::string(TORCH_VERSION));
+#endif
+  }
+  ++g_loop_calls;
+  // Loop: one host copy of the E group sizes per layer (not one sync per
+  // expert), then a plain mm per non-empty group on zero-copy slices. unbind()
+  // (not w[e]) keeps the backward to a single stack of the expert gradients
+  // instead of E full-size zero tensors.
   auto counts_E = tokens_per_expert_E.to(torch::kCPU);
   const auto* counts = counts_E.data_ptr<int64_t>();
   auto w1 = w1_EDH.unbind(0), w3 = w3_EDH.unbind(0), w2 = w2_EHD.unbind(0);

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# One bounded check of the GPU path on a CUDA machine with PyTorch installed
+# (docs/performance.md "GPU"). In order, each step under `timeout`, skipped when
+# the remaining budget is too small:
+#   1. nvidia-smi, PyTorch / CUDA versions
+#   2. configure against the LibTorch of python3's torch, build `moecpt`
+#   3. `moecpt bench moe-layer` on the paper Granular-Sinkhorn layer: both
+#      expert-GEMM paths, timed, outputs and gradients compared (bf16 vs fp32)
+#   4. `moecpt bench train` on recipes/paper/{granular-sinkhorn,granular-aux,
+#      switch-aux,dense}.toml, --device cuda --dtype bfloat16, both expert-GEMM
+#      path for the MoEs, the per-expert loop for Granular-Sinkhorn (all MoEs
+#      with ALL_LOOPS=1), gradient accumulation 4, a larger batch
+#   5. build the test suite and run it (ctest -j16 --timeout 120) with what is left
+# Results: $OUT/results.jsonl (one JSON object per bench run, tagged), logs
+# $OUT/run.log (this output), $OUT/build.log, $OUT/tests.log.
+#
+# Dependencies the machine may lack (toml++, CLI11, nlohmann-json, GoogleTest,
+# sentencepiece) are taken from third_party_local/ when it exists: copies of the
+# Debian packages' headers, libraries and CMake files, made on the dev machine
+# with `scripts/gpu-check.sh --stage-deps` (the folder is git-ignored).
+#
+#   OUT=/tmp/out BUDGET_S=470 BATCH=8 STEPS=8 LAYERS=0 SKIP_TESTS=0 scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+TP=$ROOT/third_party_local
+
+if [ "${1:-}" = "--stage-deps" ]; then  # on the Debian dev machine
+  set -e
+  mkdir -p "$TP/include" "$TP/lib/x86_64-linux-gnu/cmake" "$TP/share/cmake"
+  cp -r /usr/include/toml++ /usr/include/CLI /usr/include/nlohmann /usr/include/gtest /usr/include/gmock \
+        /usr/include/sentencepiece_processor.h /usr/include/sentencepiece_trainer.h "$TP/include/"
+  cp -a /usr/lib/x86_64-linux-gnu/libsentencepiece* /usr/lib/x86_64-linux-gnu/libgtest* \
+        /usr/lib/x86_64-linux-gnu/libgmock* "$TP/lib/x86_64-linux-gnu/"
+  cp -r /usr/share/cmake/CLI11 /usr/share/cmake/nlohmann_json "$TP/share/cmake/"
+  cp -r /usr/lib/x86_64-linux-gnu/cmake/GTest "$TP/lib/x86_64-linux-gnu/cmake/"
+  du -sh "$TP"
+  exit 0
+fi
+
+OUT=${OUT:-$ROOT/gpu-check-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/run.log") 2>&1
+BUDGET_S=${BUDGET_S:-470}
+BUILD=${BUILD:-build-gpu}
+BATCH=${BATCH:-8}
+STEPS=${STEPS:-8}
+LAYERS=${LAYERS:-0}  # 0 = the recipes' 24
+JOBS=${JOBS:-$(nproc)}
+T0=$(date +%s)
+elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( BUDGET_S - $(elapsed) )); }
+log() { echo "[gpu-check +$(elapsed)s] $*"; }
+
+log "1. machine"
+nvidia-smi || { log "no nvidia-smi: not a GPU machine"; exit 1; }
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))'
+TORCH_PREFIX=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+g++ --version | head -1; cmake --version | head -1; ninja --version
+for h in toml++/toml.h CLI/CLI.hpp nlohmann/json.hpp gtest/gtest.h sentencepiece_processor.h; do
+  [ -e /usr/include/$h ] && echo "system has $h" || echo "system lacks $h"
+done
+
+log "2. configure + build moecpt"
+PREFIX="$TORCH_PREFIX"
+EXTRA=()
+if [ -d "$TP" ]; then
+  PREFIX="$TORCH_PREFIX;$TP"
+  SPM=$TP/lib/x86_64-linux-gnu
+  EXTRA+=(-DSENTENCEPIECE_LIB=$SPM/libsentencepiece.so -DSENTENCEPIECE_TRAIN_LIB=$SPM/libsentencepiece_train.so
+          -DSENTENCEPIECE_INCLUDE_DIR=$TP/include -DMOECPT_TOMLPP_INCLUDE_DIR=$TP/include)
+elif [ ! -e /usr/include/gtest/gtest.h ]; then
+  EXTRA+=(-DMOECPT_BUILD_TESTS=OFF)  # no GoogleTest: the benchmarks only
+fi
+timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECPT_USE_CCACHE=OFF \
+  -DMOECPT_BUILD_BENCH=OFF -DCMAKE_PREFIX_PATH="$PREFIX" "${EXTRA[@]}" >"$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; log "configure FAILED"; exit 2; }
+grep -E "toml\+\+|Found Torch|CUDA" "$OUT/build.log" | head -5
+timeout 330 cmake --build "$BUILD" -j"$JOBS" --target moecpt >>"$OUT/build.log" 2>&1 \
+  || { grep -E "error|Error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"; log "build of moecpt FAILED"; exit 3; }
+log "moecpt built"
+BIN=$BUILD/moecpt
+
+# One bench run: tag, timeout, args. Appends {"tag":…, "result":{…}} or {"tag":…, "error":…}.
+bench() {
+  local tag=$1 limit=$2; shift 2
+  if [ "$(left)" -lt $(( limit / 2 )) ]; then log "skip $tag (budget)"; return; fi
+  local t=$(( limit < $(left) ? limit : $(left) ))
+  log "run $tag: $*"
+  if timeout "$t" "$BIN" "$@" --json >"$OUT/cur.json" 2>"$OUT/cur.err"; then
+    python3 - "$tag" "$OUT/cur.json" >>"$OUT/results.jsonl" <<'PY'
+import json, sys
+print(json.dumps({"tag": sys.argv[1], "result": json.load(open(sys.argv[2]))}))
+PY
+    python3 - "$OUT/cur.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if "tokens_per_s" in r:
+    e = r.get("expert_gemm", {})
+    print(f"  {r['model']['n_layers']} layers, batch {r['batch_sequences']}x{r['model']['seq_len']}: "
+          f"{r['step_ms']['median']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s, {r['tflops']:.1f} TFLOP/s, "
+          f"MFU {100*r['mfu']:.1f}% of {r['peak_tflops']:.0f}; experts {e.get('path')}; "
+          f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}")
+else:
+    print(json.dumps(r, indent=1))
+PY
+  else
+    local rc=$?
+    tail -5 "$OUT/cur.err"
+    python3 -c 'import json,sys; print(json.dumps({"tag": sys.argv[1], "error": open(sys.argv[2]).read()[-2000:], "rc": int(sys.argv[3])}))' \
+      "$tag" "$OUT/cur.err" "$rc" >>"$OUT/results.jsonl"
+    log "$tag failed (rc $rc)"
+  fi
+  rm -f "$OUT/cur.json" "$OUT/cur.err"
+}
+
+log "3. one MoE layer, both expert-GEMM paths"
+bench moe-layer-granular "$((60))" bench moe-layer --config recipes/paper/granular-sinkhorn.toml --device cuda \
+  --tokens $((BATCH * 2048)) --reps 10
+bench moe-layer-switch 45 bench moe-layer --config recipes/paper/switch-aux.toml --device cuda \
+  --tokens $((BATCH * 2048)) --reps 10
+
+log "4. training steps, paper recipes, bf16"
+LFLAG=(); [ "$LAYERS" -gt 0 ] && LFLAG=(--layers "$LAYERS")
+COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmup 2 "${LFLAG[@]}")
+bench granular-sinkhorn-grouped 90 bench train --config recipes/paper/granular-sinkhorn.toml "${COMMON[@]}" --expert-gemm grouped
+bench dense 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+bench granular-aux-grouped 90 bench train --config recipes/paper/granular-aux.toml "${COMMON[@]}" --expert-gemm grouped
+bench switch-aux-grouped 90 bench train --config recipes/paper/switch-aux.toml "${COMMON[@]}" --expert-gemm grouped
+bench granular-sinkhorn-loop 90 bench train --config recipes/paper/granular-sinkhorn.toml "${COMMON[@]}" --expert-gemm loop
+# The optimizer and clip once per 4 micro-batches (gradient accumulation, as the
+# paper's 1024-sequence steps would run): MFU without most of their share.
+bench granular-sinkhorn-grouped-accum4 90 bench train --config recipes/paper/granular-sinkhorn.toml "${COMMON[@]}" \
+  --expert-gemm grouped --accum 4
+if [ "${ALL_LOOPS:-0}" = 1 ]; then
+  bench granular-aux-loop 90 bench train --config recipes/paper/granular-aux.toml "${COMMON[@]}" --expert-gemm loop
+  bench switch-aux-loop 90 bench train --config recipes/paper/switch-aux.toml "${COMMON[@]}" --expert-gemm loop
+fi
+# A larger batch where the card has the memory (H200: 141 GB), else fewer layers.
+MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+if [ "${MEM_MIB:-0}" -gt 120000 ]; then
+  bench granular-sinkhorn-grouped-b2x 90 bench train --config recipes/paper/granular-sinkhorn.toml --device cuda \
+    --dtype bfloat16 --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped
+else
+  bench granular-sinkhorn-grouped-12l-b2x 90 bench train --config recipes/paper/granular-sinkhorn.toml --device cuda \
+    --dtype bfloat16 --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 --layers 12 --expert-gemm grouped
+fi
+
+log "5. test suite (CPU maths) with what is left: $(left)s"
+if [ "${SKIP_TESTS:-0}" = 1 ]; then
+  log "skipped the test suite (SKIP_TESTS=1)"
+elif [ "$(left)" -gt 150 ] && [ -d "$TP" -o -e /usr/include/gtest/gtest.h ]; then
+  if timeout $(( $(left) - 90 )) cmake --build "$BUILD" -j"$JOBS" --target moecpt_tests >>"$OUT/build.log" 2>&1; then
+    log "tests built; running"
+    timeout $(( $(left) - 5 )) ctest --test-dir "$BUILD" -j"$JOBS" --timeout 120 >"$OUT/tests.log" 2>&1
+    log "ctest rc $?"
+    grep -E "tests passed|tests failed|\*\*\*Failed|Timeout|Not Run" "$OUT/tests.log" | head -30
+  else
+    grep -E "error" "$OUT/build.log" | head -20
+    log "test build failed or ran out of time"
+  fi
+else
+  log "skipped the test suite (budget)"
+fi
+log "done"
