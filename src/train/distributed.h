@@ -19,6 +19,7 @@
 
 #include "core/pch.h"
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/version.h>
 
 namespace moecpt::dist {
 
@@ -68,7 +69,11 @@ class Group {
   Group() = default;
   Env env_;
   torch::Device device_{torch::kCPU};
+#if TORCH_VERSION_MAJOR >= 2
+  c10::intrusive_ptr<c10d::Backend> pg_;  // LibTorch 2.x: ProcessGroupGloo/NCCL derive from Backend
+#else
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+#endif
 };
 
 // Copy rank 0's parameters and buffers to every rank (one broadcast per dtype).
