@@ -28,17 +28,17 @@ using ojson = nlohmann::ordered_json;
 
 constexpr const char* kMetadataKey = "__metadata__";
 
+// The LibTorch dtype of each safetensors dtype name; element sizes come from
+// the torch-free reader (safetensors_dtype_size).
 struct DtypeInfo {
   const char* name;
   torch::Dtype dtype;
-  size_t size;
 };
 
 constexpr DtypeInfo kDtypes[] = {
-    {"F64", torch::kFloat64, 8}, {"F32", torch::kFloat32, 4}, {"F16", torch::kFloat16, 2},
-    {"BF16", torch::kBFloat16, 2}, {"I64", torch::kInt64, 8}, {"I32", torch::kInt32, 4},
-    {"I16", torch::kInt16, 2},  {"I8", torch::kInt8, 1},       {"U8", torch::kUInt8, 1},
-    {"BOOL", torch::kBool, 1},
+    {"F64", torch::kFloat64}, {"F32", torch::kFloat32}, {"F16", torch::kFloat16}, {"BF16", torch::kBFloat16},
+    {"I64", torch::kInt64},   {"I32", torch::kInt32},   {"I16", torch::kInt16},   {"I8", torch::kInt8},
+    {"U8", torch::kUInt8},    {"BOOL", torch::kBool},
 };
 
 const DtypeInfo* find_dtype(const std::string& name) {
@@ -53,14 +53,7 @@ const DtypeInfo* find_dtype(torch::Dtype dtype) {
   return nullptr;
 }
 
-std::string shape_str(at::IntArrayRef shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
+std::string shape_str(at::IntArrayRef shape) { return safetensors_shape_str(shape.vec()); }
 
 std::string quoted(const std::string& name) { return "tensor '" + name + "'"; }
 
@@ -105,7 +98,7 @@ void save_safetensors(const std::string& path,
       throw file_error(path, who + " has dtype " + os.str() + ", which safetensors cannot store");
     }
     torch::Tensor c = t.detach().to(torch::kCPU).contiguous();
-    uint64_t nbytes = static_cast<uint64_t>(c.numel()) * d->size;
+    uint64_t nbytes = static_cast<uint64_t>(c.numel()) * safetensors_dtype_size(d->name);
     ojson entry = ojson::object();
     entry["dtype"] = d->name;
     entry["shape"] = c.sizes().vec();
@@ -144,7 +137,7 @@ SafetensorsFile load_safetensors(const std::string& path) {
   out.metadata = reader.layout().metadata;
   for (const SafetensorsTensorInfo& e : reader.layout().tensors) {
     const DtypeInfo* d = find_dtype(e.dtype);
-    if (!d || d->size != e.element_size)  // both tables list the same dtypes
+    if (!d || safetensors_dtype_size(d->name) != e.element_size)  // both tables list the same dtypes
       throw file_error(path, quoted(e.name) + ": dtype " + e.dtype + " has no LibTorch equivalent");
     torch::Tensor t = torch::empty(e.shape, torch::TensorOptions().dtype(d->dtype));
     reader.read(e, t.data_ptr());

@@ -29,14 +29,7 @@ struct DtypeSize {
 constexpr DtypeSize kDtypeSizes[] = {{"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8},
                                      {"I32", 4}, {"I16", 2}, {"I8", 1},  {"U8", 1},   {"BOOL", 1}};
 
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
+std::string shape_str(const std::vector<int64_t>& shape) { return safetensors_shape_str(shape); }
 
 std::string quoted(const std::string& name) { return "tensor '" + name + "'"; }
 
@@ -181,6 +174,15 @@ SafetensorsTensorInfo parse_entry(const std::string& path, const std::string& na
 }
 
 }  // namespace
+
+std::string safetensors_shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
 
 size_t safetensors_dtype_size(const std::string& dtype) {
   for (const auto& d : kDtypeSizes)

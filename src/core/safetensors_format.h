@@ -39,6 +39,9 @@ constexpr int kSafetensorsMaxJsonDepth = 64;  // a real header nests 3 levels
 // Bytes per element of a dtype name, or 0 if it is not supported.
 size_t safetensors_dtype_size(const std::string& dtype);
 
+// "[2, 3]": a shape as error messages print it.
+std::string safetensors_shape_str(const std::vector<int64_t>& shape);
+
 // Validate a header (the JSON text) for a file of `file_size` bytes whose
 // header is `header_len` bytes long. Checks, in this order, without
 // allocating anything proportional to a claimed size: nesting depth, JSON
