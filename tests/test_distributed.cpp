@@ -4,6 +4,11 @@
 // agree to floating-point tolerance — for dense, top-k (Z+Aux, whose aux loss
 // must be the global one) and aux-loss-free MoE; a checkpoint written by 2 ranks
 // resumes in 1 process; a rank that dies fails the job with a clear message.
+// Expert parallel (parallel.expert_parallel = 2): the experts sharded over 2
+// ranks with all-to-all dispatch train what 1 process trains, and checkpoints
+// move between the layouts; the all-to-all autograd Function and the sharded
+// MoE layer are checked against the local layer (outputs and gradients) with
+// two "ranks" as threads of one process.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -14,11 +19,15 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <mutex>
 
 #include "core/config.h"
 #include "core/pch.h"
 #include "data/shard.h"
+#include "model/moe.h"
+#include "model/moe_expert_parallel.h"
 #include "model/router_topk.h"
+#include "train/distributed.h"
 #include "test_util.h"
 
 namespace moecpt {
@@ -410,6 +419,198 @@ TEST(Distributed, SignalToLauncherStopsAllRanksAtOneStep) {
   auto r = testing::run_moecpt("launch --nproc 2 -- " + f.train_args("run", extra + " --resume"));
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(metric_lines(f.dir / "run/metrics.jsonl", "train").size(), 150u);
+}
+
+// --- expert parallel -------------------------------------------------------------
+
+// Two ranks as two threads of this process, each with its own Gloo group on
+// 127.0.0.1 (the same code path as two processes, without the processes).
+void run_two_ranks(int port, const std::function<void(const std::shared_ptr<dist::Group>&)>& body) {
+  std::string errors[2];
+  std::vector<std::thread> ts;
+  for (int r = 0; r < 2; ++r)
+    ts.emplace_back([&, r] {
+      try {
+        dist::Env env;
+        env.rank = r;
+        env.world_size = 2;
+        env.master_port = port;
+        body(dist::Group::create(env, torch::kCPU));
+      } catch (const std::exception& e) {
+        errors[r] = e.what();
+      }
+    });
+  for (auto& t : ts) t.join();
+  ASSERT_EQ(errors[0], "");
+  ASSERT_EQ(errors[1], "");
+}
+
+int test_port(int salt) { return 20000 + int((::getpid() * 31 + salt * 7919) % 20000); }
+
+// The all-to-all autograd Function alone: rank r sends rows to rank j with
+// chosen splits; the output is what the other rank sent, and the gradient of
+// sum(out · c) is c's rows routed back to where they came from.
+TEST(ExpertParallel, AllToAllFunctionForwardAndBackward) {
+  // rank 0 sends 1 row to itself and 3 to rank 1; rank 1 sends 2 to rank 0 and 0 to itself.
+  const std::vector<int64_t> send[2] = {{1, 3}, {2, 0}};
+  const std::vector<int64_t> recv[2] = {{1, 2}, {3, 0}};
+  torch::Tensor x[2], out[2], grad[2], c[2];
+  for (int r = 0; r < 2; ++r) {
+    x[r] = torch::arange(0, 4 - 2 * r, torch::kFloat64).unsqueeze(1).repeat({1, 3}) + 10.0 * r;
+    x[r].set_requires_grad(true);
+    c[r] = torch::randn({recv[r][0] + recv[r][1], 3}, torch::kFloat64);
+  }
+  std::mutex mu;
+  run_two_ranks(test_port(1), [&](const std::shared_ptr<dist::Group>& g) {
+    const int r = g->rank();
+    auto y = model::all_to_all(x[r], send[r], recv[r], *g);
+    (y * c[r]).sum().backward();
+    std::lock_guard<std::mutex> lock(mu);
+    out[r] = y.detach().clone();
+    grad[r] = x[r].grad().clone();
+  });
+  // Rank 0 receives its own row 0, then rank 1's rows 0–1; rank 1 receives rank 0's rows 1–3.
+  EXPECT_TRUE(torch::equal(out[0], torch::cat({x[0].detach().narrow(0, 0, 1), x[1].detach()})));
+  EXPECT_TRUE(torch::equal(out[1], x[0].detach().narrow(0, 1, 3)));
+  // d/dx of Σ y·c: each row of x gets the c row its copy landed on.
+  EXPECT_TRUE(torch::equal(grad[0], torch::cat({c[0].narrow(0, 0, 1), c[1]})));
+  EXPECT_TRUE(torch::equal(grad[1], c[0].narrow(0, 1, 2)));
+}
+
+// One MoE layer with its experts sharded over 2 ranks (ExpertSharding, as the
+// trainer uses it) against the same layer in one process on the concatenated
+// tokens: outputs, input gradients and every parameter gradient agree.
+// starve = all tokens prefer experts 0–1 (rank 0's), so rank 1 gets no rows.
+void expert_parallel_layer_matches_local(int64_t n_experts, int64_t top_k, int64_t shared, bool starve, int salt) {
+  ModelConfig mc;
+  mc.d_model = 8;
+  mc.n_experts = n_experts;
+  mc.top_k = top_k;
+  mc.n_shared_experts = shared;
+  mc.expert_hidden = 6;
+  mc.init_std = 0.3;
+  RouterConfig rc;
+  auto make = [&] {
+    torch::manual_seed(11);
+    auto m = model::MoE(mc, rc, 0.2);
+    if (starve) {
+      torch::NoGradGuard ng;
+      m->router->weight_ED.narrow(1, 0, 1).fill_(-5.0);
+      m->router->weight_ED.narrow(0, 0, 2).narrow(1, 0, 1).fill_(5.0);
+    }
+    return m;
+  };
+  const int64_t T = 10;
+  torch::manual_seed(5);
+  auto x_all = torch::randn({2 * T, mc.d_model});
+  if (starve) x_all.narrow(1, 0, 1).fill_(10.0);
+  auto c_all = torch::randn({2 * T, mc.d_model});
+
+  auto ref = make();
+  auto xr = x_all.clone().set_requires_grad(true);
+  auto y_ref = ref->forward(xr).y_BTD;
+  (y_ref * c_all).sum().backward();
+
+  model::MoE ranks[2] = {make(), make()};
+  torch::Tensor x[2], y[2];
+  std::map<std::string, torch::Tensor> grads[2];
+  int64_t first[2] = {0, 0};
+  std::mutex mu;
+  run_two_ranks(test_port(salt), [&](const std::shared_ptr<dist::Group>& g) {
+    const int r = g->rank();
+    torch::nn::Module holder;
+    holder.register_module("moe", ranks[r]);
+    model::ExpertSharding ep(holder, g, 2);
+    ep.shard(nullptr);
+    x[r] = x_all.narrow(0, r * T, T).clone().set_requires_grad(true);
+    auto out = ranks[r]->forward(x[r]).y_BTD;
+    (out * c_all.narrow(0, r * T, T)).sum().backward();
+    std::lock_guard<std::mutex> lock(mu);
+    y[r] = out.detach().clone();
+    first[r] = ranks[r]->expert_parallel->first_expert();
+    for (const auto& p : ranks[r]->named_parameters())
+      grads[r][p.key()] = p.value().grad().defined() ? p.value().grad().clone() : torch::zeros_like(p.value());
+  });
+  EXPECT_EQ(first[1], n_experts / 2);
+  for (int r = 0; r < 2; ++r) {
+    SCOPED_TRACE("rank " + std::to_string(r));
+    EXPECT_TRUE(torch::allclose(y[r], y_ref.detach().narrow(0, r * T, T), 1e-5, 1e-6));
+    EXPECT_TRUE(torch::allclose(x[r].grad(), xr.grad().narrow(0, r * T, T), 1e-5, 1e-6));
+  }
+  for (const auto& p : ref->named_parameters()) {
+    SCOPED_TRACE(p.key());
+    const auto& g_ref = p.value().grad();
+    ASSERT_TRUE(g_ref.defined());
+    if (p.key().rfind("experts.", 0) == 0) {  // sharded: each rank holds its block's full gradient
+      const int64_t El = n_experts / 2;
+      for (int r = 0; r < 2; ++r)
+        EXPECT_TRUE(torch::allclose(grads[r][p.key()], g_ref.narrow(0, r * El, El), 1e-5, 1e-6)) << "rank " << r;
+    } else {  // replicated: the sum over ranks (what data parallel's all-reduce adds)
+      EXPECT_TRUE(torch::allclose(grads[0][p.key()] + grads[1][p.key()], g_ref, 1e-5, 1e-6));
+    }
+  }
+  if (starve) {
+    EXPECT_EQ(grads[1]["experts.w1"].abs().max().item<double>(), 0.0);
+  }
+}
+
+TEST(ExpertParallel, ShardedSwitchLayerEqualsTheLocalLayerWithGradients) {
+  expert_parallel_layer_matches_local(4, 1, 0, false, 2);
+}
+TEST(ExpertParallel, ShardedGranularTopKLayerWithSharedExpertEqualsTheLocalLayer) {
+  expert_parallel_layer_matches_local(8, 3, 1, false, 3);
+}
+TEST(ExpertParallel, RankThatReceivesNoTokensStillTakesPartInBackward) {
+  expert_parallel_layer_matches_local(4, 2, 1, true, 4);
+}
+
+// End to end: `moecpt launch --nproc 2` with parallel.expert_parallel = 2
+// trains what 1 process trains (losses, aux, z, grad norm, loads, evaluation).
+void expert_parallel_equals_one_process(const std::string& extra) {
+  Fixture f("moe");
+  auto one = testing::run_moecpt(f.train_args("one", extra));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  auto two = testing::run_moecpt("launch --nproc 2 -- " + f.train_args("two", extra + " --set parallel.expert_parallel=2"));
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  EXPECT_NE(two.output.find("expert parallel: 2 ranks per EP group"), std::string::npos) << two.output;
+  expect_learning(f.dir / "one/metrics.jsonl");
+  expect_same_training(f.dir / "one/metrics.jsonl", f.dir / "two/metrics.jsonl", 20, 1e-5);
+}
+
+TEST(Distributed, ExpertParallelTwoRanksEqualOneProcessSwitch) {
+  expert_parallel_equals_one_process("--set model.top_k=1 --set model.n_shared_experts=0");
+}
+
+TEST(Distributed, ExpertParallelTwoRanksEqualOneProcessGranularTopKWithSharedExpert) {
+  expert_parallel_equals_one_process("--set model.n_experts=8 --set model.expert_hidden=8 --set model.top_k=2");
+}
+
+// Checkpoints do not depend on the layout: 2 EP ranks → 1 process, and 1 process → 2 EP ranks.
+TEST(Distributed, ExpertParallelCheckpointsMoveBetweenLayouts) {
+  Fixture f("moe");
+  auto ref = testing::run_moecpt(f.train_args("ref"));
+  ASSERT_EQ(ref.exit_code, 0) << ref.output;
+  const std::string ep = " --set parallel.expert_parallel=2";
+  auto two = testing::run_moecpt("launch --nproc 2 -- " + f.train_args("a", "--stop-after 10" + ep));
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  auto one = testing::run_moecpt(f.train_args("a", "--resume"));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  EXPECT_NE(one.output.find("resumed"), std::string::npos) << one.output;
+  expect_same_training(f.dir / "ref/metrics.jsonl", f.dir / "a/metrics.jsonl", 20, 1e-5);
+
+  auto first = testing::run_moecpt(f.train_args("b", "--stop-after 10"));
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  auto rest = testing::run_moecpt("launch --nproc 2 -- " + f.train_args("b", "--resume" + ep));
+  ASSERT_EQ(rest.exit_code, 0) << rest.output;
+  EXPECT_NE(rest.output.find("resumed"), std::string::npos) << rest.output;
+  expect_same_training(f.dir / "ref/metrics.jsonl", f.dir / "b/metrics.jsonl", 20, 1e-5);
+}
+
+TEST(Distributed, ExpertParallelInOneProcessIsRefused) {
+  Fixture f("moe");
+  auto r = testing::run_moecpt(f.train_args("x", "--set parallel.expert_parallel=2"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.output.find("parallel.expert_parallel = 2 needs that many processes"), std::string::npos) << r.output;
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// `moecpt launch --nproc N -- train …`: N local ranks of one data-parallel job,
+// `moecpt launch --nproc N -- train …`: N local ranks of one data-parallel job
+// (with `--set parallel.expert_parallel=P`, experts sharded over P of them),
 // each a child `moecpt` with the torchrun environment (RANK, WORLD_SIZE,
 // LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). SIGINT/SIGTERM are
 // forwarded to every rank (they checkpoint and stop after the same step); if a
@@ -159,7 +160,8 @@ int run_launch(int nproc, int port, const std::string& addr, double grace_s, con
 
 void register_launch_commands(CLI::App& app) {
   auto* cmd = app.add_subcommand(
-      "launch", "Run a command as N local data-parallel ranks (like torchrun): moecpt launch --nproc 2 -- train -c r.toml");
+      "launch", "Run a command as N local data-parallel ranks (like torchrun): moecpt launch --nproc 2 -- train -c r.toml "
+      "[--set parallel.expert_parallel=2 to shard the experts over the ranks]");
   auto nproc = std::make_shared<int>(2);
   auto port = std::make_shared<int>(0);
   auto addr = std::make_shared<std::string>("127.0.0.1");

@@ -187,7 +187,7 @@ struct TrainConfig {
   template <class V> void visit(V& v) {
     v("steps", steps, "optimizer steps in this phase", at_least(1));
     v("batch_size", batch_size, "sequences per optimizer step", at_least(1));
-    v("micro_batch_size", micro_batch_size, "sequences per forward/backward; gradients accumulate (0 = batch_size)", at_least(0));
+    v("micro_batch_size", micro_batch_size, "sequences per forward/backward, global under data parallel (each of W ranks runs 1/W of it); gradients accumulate (0 = batch_size)", at_least(0));
     v("init_from", init_from, "checkpoint to initialise from (continual pre-training)");
     v("init_optimizer", init_optimizer, "also load the AdamW state of init_from");
     v("log_every", log_every, "steps between progress lines", at_least(1));
@@ -199,6 +199,15 @@ struct TrainConfig {
   }
 };
 
+// Multi-process layout (docs/distributed.md); does not change what is trained.
+struct ParallelConfig {
+  int64_t expert_parallel = 1;  // ranks that share one copy of the routed experts (1 = each rank has all)
+
+  template <class V> void visit(V& v) {
+    v("expert_parallel", expert_parallel, "expert parallel: routed experts sharded over this many ranks (divides WORLD_SIZE and model.n_experts; 1 = off)", at_least(1));
+  }
+};
+
 struct Config {
   RunConfig run;
   ModelConfig model;
@@ -207,6 +216,7 @@ struct Config {
   OptimConfig optim;
   ScheduleConfig schedule;
   TrainConfig train;
+  ParallelConfig parallel;
 
   template <class V> void visit(V& v) {
     v.section("run", run);
@@ -216,6 +226,7 @@ struct Config {
     v.section("optim", optim);
     v.section("schedule", schedule);
     v.section("train", train);
+    v.section("parallel", parallel);
   }
 };
 

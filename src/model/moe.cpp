@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "model/fused_runtime.h"  // torch_compat.h + autocast_enabled
 #include "model/grouped_gemm.h"
+#include "model/moe_expert_parallel.h"
 
 namespace moecpt::model {
 
@@ -150,8 +151,9 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   auto token_idx_S = order_S.div(K, "floor");
   auto x_SD = x_TD.index_select(0, token_idx_S);
 
-  // 3.
-  auto y_SD = experts(x_SD, r.tokens_per_expert_E);
+  // 3. (expert parallel: on the experts' ranks, model/moe_expert_parallel.h)
+  auto y_SD = expert_parallel ? expert_parallel->run(*experts, x_SD, r.tokens_per_expert_E)
+                              : experts(x_SD, r.tokens_per_expert_E);
 
   // 4.
   auto gates_S = r.gates_TK.reshape({-1}).index_select(0, order_S).to(y_SD.scalar_type());

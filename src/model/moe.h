@@ -12,6 +12,8 @@
 
 namespace moecpt::model {
 
+class ExpertParallel;  // model/moe_expert_parallel.h
+
 // E gated MLPs stored as 3-D parameters, so they can be run as one grouped
 // matmul where the backend has it: w1, w3: [E, D, H], w2: [E, H, D].
 class GroupedExpertsImpl : public torch::nn::Module {
@@ -43,6 +45,9 @@ class MoEImpl : public torch::nn::Module {
   std::shared_ptr<Router> router;
   GroupedExperts experts{nullptr};
   GatedMLP shared{nullptr};  // S shared experts as one MLP of width S·expert_hidden; null if S = 0
+  // Expert parallel (docs/distributed.md): set by the trainer; `experts` then
+  // holds this rank's E/P experts and step 3 runs through all-to-alls. Null: local.
+  std::shared_ptr<ExpertParallel> expert_parallel;
 };
 TORCH_MODULE(MoE);
 

@@ -95,35 +95,67 @@ std::shared_ptr<Group> Group::create(const Env& env, const torch::Device& device
                 (env.rank == 0 ? "is the port free?" : "is rank 0 running and MASTER_ADDR reachable?") +
                 "): " + describe(std::current_exception()));
   }
+  g->store_ = store;
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>("moecpt", store);
   try {
-    if (device.is_cuda()) {
-#ifdef MOECPT_WITH_NCCL
-      auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = timeout;
-      g->pg_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, env.rank, env.world_size, opts);
-#else
-      throw Error("run.device = \"cuda\" with WORLD_SIZE > 1 needs NCCL, and this build has none "
-                  "(rebuild with -DMOECPT_WITH_NCCL -DUSE_C10D_NCCL against a CUDA LibTorch; docs/distributed.md)");
-#endif
-    } else {
-      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      // GLOO_SOCKET_IFNAME picks the interface (multi-node); a loopback master
-      // means a one-machine job, which needs no network at all.
-      if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname)
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
-      else if (is_loopback(env.master_addr))
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-      else
-        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-      opts->threads = 2;
-      g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, env.rank, env.world_size, opts);
-    }
+    g->pg_ = g->make_process_group(prefixed, env.rank, env.world_size);
   } catch (const Error&) {
     throw;
   } catch (const std::exception& e) {
     throw Error("rank " + std::to_string(env.rank) + ": creating the " + (device.is_cuda() ? "NCCL" : "Gloo") +
                 " process group through " + where + " failed: " + describe(std::current_exception()));
+  }
+  return g;
+}
+
+// The backend choice, explicit: CPU tensors → Gloo; CUDA tensors → NCCL when
+// compiled in (MOECPT_WITH_NCCL; never built or run on the machines this was
+// developed on, so untested), else a clear refusal.
+c10::intrusive_ptr<c10d::ProcessGroup> Group::make_process_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                                                 int rank, int size) const {
+  const auto timeout = collective_timeout();
+  if (device_.is_cuda()) {
+#ifdef MOECPT_WITH_NCCL
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    opts->timeout = timeout;
+    return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);
+#else
+    throw Error("run.device = \"cuda\" with WORLD_SIZE > 1 needs NCCL, and this build has none "
+                "(rebuild with -DMOECPT_WITH_NCCL -DUSE_C10D_NCCL against a CUDA LibTorch; docs/distributed.md)");
+#endif
+  }
+  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+  // GLOO_SOCKET_IFNAME picks the interface (multi-node); a loopback master
+  // means a one-machine job, which needs no network at all.
+  if (const char* ifname = std::getenv("GLOO_SOCKET_IFNAME"); ifname && *ifname)
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+  else if (is_loopback(env_.master_addr))
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  else
+    opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  opts->threads = 2;
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, opts);
+}
+
+std::shared_ptr<Group> Group::subgroup(const std::vector<int>& ranks, const std::string& tag) const {
+  std::shared_ptr<Group> g(new Group());
+  g->device_ = device_;
+  g->store_ = store_;
+  g->env_ = env_;
+  g->env_.world_size = int(ranks.size());
+  g->env_.rank = -1;
+  for (size_t i = 0; i < ranks.size(); ++i)
+    if (ranks[i] == env_.rank) g->env_.rank = int(i);
+  if (g->env_.rank < 0)
+    throw Error("rank " + std::to_string(env_.rank) + ": not a member of process group '" + tag + "'");
+  auto prefixed = c10::make_intrusive<c10d::PrefixStore>("moecpt-" + tag, store_);
+  try {
+    g->pg_ = g->make_process_group(prefixed, g->env_.rank, g->env_.world_size);
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Error("rank " + std::to_string(env_.rank) + ": creating process group '" + tag +
+                "' failed: " + describe(std::current_exception()));
   }
   return g;
 }
@@ -182,6 +214,31 @@ void Group::barrier(const char* what) {
   allreduce_sum(t, what);
 }
 
+void Group::alltoall(torch::Tensor& out, torch::Tensor& in, std::vector<int64_t> out_splits,
+                     std::vector<int64_t> in_splits, const char* what) {
+  c10::intrusive_ptr<c10d::Work> w;
+  try {
+    w = pg_->alltoall_base(out, in, out_splits, in_splits);
+  } catch (const std::exception& e) {
+    throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
+  }
+  wait(w, what);
+}
+
+std::vector<torch::Tensor> Group::allgather(const torch::Tensor& t, const char* what) {
+  std::vector<torch::Tensor> in{t.detach().contiguous()};
+  std::vector<std::vector<torch::Tensor>> out(1);
+  for (int i = 0; i < size(); ++i) out[0].push_back(torch::empty_like(in[0]));
+  c10::intrusive_ptr<c10d::Work> w;
+  try {
+    w = pg_->allgather(out, in);
+  } catch (const std::exception& e) {
+    throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
+  }
+  wait(w, what);
+  return out[0];
+}
+
 namespace {
 // All parameters then all buffers, in registration order.
 std::vector<torch::Tensor> module_state(torch::nn::Module& m) {
@@ -211,9 +268,10 @@ void broadcast_module(Group& g, torch::nn::Module& m) {
   }
 }
 
-double max_param_divergence(Group& g, torch::nn::Module& m) {
+double max_param_divergence(Group& g, torch::nn::Module& m) { return max_param_divergence(g, module_state(m)); }
+
+double max_param_divergence(Group& g, const std::vector<torch::Tensor>& state) {
   torch::NoGradGuard no_grad;
-  auto state = module_state(m);
   auto fp = torch::zeros({int64_t(state.size()), 2}, torch::kFloat64);
   for (size_t i = 0; i < state.size(); ++i) {
     auto d = state[i].detach().to(torch::kCPU, torch::kFloat64);

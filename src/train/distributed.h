@@ -44,8 +44,15 @@ std::chrono::milliseconds collective_timeout();
 // into moecpt::Error("rank R: <op> failed …").
 class Group {
  public:
-  // Rendezvous through the TCPStore and create the Gloo (or NCCL) group.
+  // Rendezvous through the TCPStore and create the Gloo (or NCCL) group. The
+  // backend is explicit: Gloo for CPU tensors, NCCL for run.device = "cuda"
+  // (only in builds with MOECPT_WITH_NCCL; untested, docs/distributed.md).
   static std::shared_ptr<Group> create(const Env& env, const torch::Device& device);
+  // A group of some of this job's ranks (`ranks`: global ranks, this one among
+  // them), for expert parallelism. Every member must call it with the same
+  // ranks and tag; it is a separate c10d process group (its own connections),
+  // so its collectives never interleave with this group's.
+  std::shared_ptr<Group> subgroup(const std::vector<int>& ranks, const std::string& tag) const;
   ~Group();
 
   int rank() const { return env_.rank; }
@@ -60,6 +67,13 @@ class Group {
   // In place, blocking: every rank gets root's values.
   void broadcast(std::vector<torch::Tensor>& tensors, int root, const char* what);
   void barrier(const char* what);
+  // Blocking all-to-all along dim 0: rows [sum(in_splits[<j]), +in_splits[j])
+  // of `in` go to rank j; `out` receives out_splits[i] rows from rank i, in
+  // rank order. Empty split vectors mean equal splits.
+  void alltoall(torch::Tensor& out, torch::Tensor& in, std::vector<int64_t> out_splits,
+                std::vector<int64_t> in_splits, const char* what);
+  // Blocking all-gather of equal-shaped tensors: element i is rank i's `t`.
+  std::vector<torch::Tensor> allgather(const torch::Tensor& t, const char* what);
 
   // Asynchronous all-reduce (sum) of one flat tensor; wait with wait().
   c10::intrusive_ptr<c10d::Work> allreduce_async(torch::Tensor& t);
@@ -67,7 +81,10 @@ class Group {
 
  private:
   Group() = default;
+  c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                            int size) const;
   Env env_;
+  c10::intrusive_ptr<c10d::Store> store_;  // the job's TCPStore (subgroups rendezvous through it)
   torch::Device device_{torch::kCPU};
 #if TORCH_VERSION_MAJOR >= 2
   c10::intrusive_ptr<c10d::Backend> pg_;  // LibTorch 2.x: ProcessGroupGloo/NCCL derive from Backend
@@ -82,6 +99,8 @@ void broadcast_module(Group& g, torch::nn::Module& m);
 // Largest |difference| between this rank's parameters+buffers and rank 0's,
 // measured on a per-tensor (sum, sum of squares) fingerprint. 0 when in sync.
 double max_param_divergence(Group& g, torch::nn::Module& m);
+// The same for a list of tensors (expert parallel: the replicated ones only).
+double max_param_divergence(Group& g, const std::vector<torch::Tensor>& state);
 
 // Gradient averaging over ranks in buckets of about `bucket_bytes` each.
 // Buckets hold the parameters in reverse registration order (roughly the order

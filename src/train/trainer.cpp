@@ -17,6 +17,7 @@
 #include "data/shard.h"
 #include "model/flops.h"
 #include "model/fused_ce.h"
+#include "model/moe_expert_parallel.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
@@ -91,8 +92,10 @@ LayerRouting routing_stats(const torch::Tensor& counts_E, int64_t tokens) {
 // Data parallel: rank r scores batches r, r+W, …; loss sums, token counts and
 // routed-slot counts are summed over ranks, so every rank gets the result one
 // process would compute (up to the order of the floating-point sums).
+// Expert parallel (lockstep): every forward is a collective, so every rank runs
+// the same number of them; a rank short of a batch runs batch 0 and drops it.
 EvalResult evaluate(model::Transformer& m, const std::vector<Batch>& batches, const torch::Device& dev,
-                    dist::Group* group = nullptr) {
+                    dist::Group* group = nullptr, bool lockstep = false) {
   torch::NoGradGuard no_grad;
   const bool was_training = m->is_training();
   m->eval();  // inference-mode routing (plain top-k for Sinkhorn)
@@ -100,9 +103,11 @@ EvalResult evaluate(model::Transformer& m, const std::vector<Batch>& batches, co
   double loss_sum = 0;
   std::vector<torch::Tensor> counts;
   const size_t W = group ? size_t(group->size()) : 1, rank = group ? size_t(group->rank()) : 0;
-  for (size_t i = rank; i < batches.size(); i += W) {
-    const auto& b = batches[i];
+  const size_t n_runs = lockstep ? (batches.size() + W - 1) / W * W : batches.size();
+  for (size_t i = rank; i < n_runs; i += W) {
+    const auto& b = batches[i < batches.size() ? i : 0];
     auto l = forward_losses(m, to_tensor(b, dev));
+    if (i >= batches.size()) continue;
     const int64_t n = b.batch_size * b.seq_len;
     loss_sum += l.lm.item<double>() * double(n);
     r.tokens += n;
@@ -276,13 +281,26 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   // Every rank starts from rank 0's weights (they are equal already when
   // seeded alike or loaded from one checkpoint; this makes it a fact).
   std::unique_ptr<dist::GradReducer> reducer;
+  std::unique_ptr<model::ExpertSharding> ep;  // expert parallel (docs/distributed.md)
+  if (cfg.parallel.expert_parallel > 1 && !group)
+    throw Error("parallel.expert_parallel = " + std::to_string(cfg.parallel.expert_parallel) +
+                " needs that many processes (moecpt launch --nproc N, or torchrun); this is one process — "
+                "set parallel.expert_parallel = 1 (checkpoints do not depend on it)");
   if (group) {
     dist::broadcast_module(*group, *m);
+    if (cfg.parallel.expert_parallel > 1) {
+      ep = std::make_unique<model::ExpertSharding>(*m, group, cfg.parallel.expert_parallel);
+      ep->shard(optimizer.get());
+      log::info(ep->describe());
+    }
     const char* mb = std::getenv("MOECPT_DDP_BUCKET_MB");
     const char* ov = std::getenv("MOECPT_DDP_OVERLAP");
     const int64_t bucket_bytes = int64_t((mb && *mb ? std::atof(mb) : 25.0) * 1024 * 1024);
     const bool overlap = !(ov && std::string(ov) == "0");
-    reducer = std::make_unique<dist::GradReducer>(group, m->parameters(), std::max<int64_t>(bucket_bytes, 1), overlap);
+    std::vector<torch::Tensor> replicated;  // expert weights of EP are reduced by ep->reduce_expert_grads()
+    for (auto& p : ep ? ep->replicated_params() : m->parameters())
+      if (p.requires_grad()) replicated.push_back(p);
+    reducer = std::make_unique<dist::GradReducer>(group, replicated, std::max<int64_t>(bucket_bytes, 1), overlap);
     log::info("gradient all-reduce: " + std::to_string(reducer->n_buckets()) + " bucket(s), " +
               (overlap ? "overlapped with backward" : "after backward"));
   }
@@ -331,7 +349,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   PhaseSummary summary;
   auto run_eval = [&](int64_t step) {
     std::map<std::string, EvalResult> res;
-    for (const auto& [name, batches] : val_sets) res[name] = evaluate(m, batches, dev, group.get());
+    for (const auto& [name, batches] : val_sets) res[name] = evaluate(m, batches, dev, group.get(), ep != nullptr);
     json line = {{"step", step}, {"kind", "eval"}, {"eval", eval_json(res)}};
     metrics << line.dump() << "\n" << std::flush;
     std::string msg = "eval @" + std::to_string(step) + ":";
@@ -344,7 +362,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   // checked before every checkpoint so a broken invariant cannot go unnoticed.
   auto check_in_sync = [&] {
     if (!group) return;
-    const double div = dist::max_param_divergence(*group, *m);
+    const double div = ep ? dist::max_param_divergence(*group, ep->replicated_params())
+                          : dist::max_param_divergence(*group, *m);
     if (div > 0)
       throw Error("rank " + std::to_string(denv.rank) + ": weights differ from rank 0's (fingerprint difference " +
                   std::to_string(div) + "); data-parallel ranks must stay identical");
@@ -353,13 +372,20 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     return json{{"step", step}, {"sampler", to_json(sampler.state())}, {"run", cfg.run.name},
                 {"initial_eval", initial_eval}};
   };
+  // Rank 0 writes; expert parallel: the experts are gathered first (all ranks),
+  // so a checkpoint holds the full model whatever the layout.
+  auto save = [&](const std::string& dir, torch::optim::Optimizer* opt, int64_t step) {
+    if (ep) ep->unshard(opt);
+    if (root) save_checkpoint(dir, *m, opt, trainer_state(step), cfg);
+    if (ep) ep->shard(opt);
+  };
   // A step checkpoint, then prune the oldest beyond keep_last.
   auto checkpoint = [&](int64_t step) {
     const std::string dir = step_dir(out, step);
     check_in_sync();
+    if (root) metrics.flush();  // every line up to this step is on disk before the checkpoint exists (SIGKILL-safe resume)
+    save(dir, optimizer.get(), step);
     if (!root) return dir;
-    metrics.flush();  // every line up to this step is on disk before the checkpoint exists (SIGKILL-safe resume)
-    save_checkpoint(dir, *m, optimizer.get(), trainer_state(step), cfg);
     auto all = step_checkpoints(out);
     for (size_t i = 0; i + size_t(cfg.train.keep_last) < all.size(); ++i) remove_checkpoint(all[i].second);
     return dir;
@@ -392,7 +418,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   };
   while (step < cfg.train.steps && !should_stop()) {
     if (step == anneal_at) {  // weights before the final anneal: CPT with the infinite schedule starts here
-      if (root) save_checkpoint((out / "checkpoints" / "pre_anneal").string(), *m, optimizer.get(), trainer_state(step), cfg);
+      save((out / "checkpoints" / "pre_anneal").string(), optimizer.get(), step);
       log::info("kept the pre-anneal checkpoint at step " + std::to_string(step));
     }
     const double lr = learning_rate(cfg.schedule, cfg.optim, step, cfg.train.steps);
@@ -438,6 +464,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     auto stats_dev = torch::cat(parts);
     if (group) {
       reducer->finish();  // gradients = mean over ranks
+      if (ep) ep->reduce_expert_grads();
       // Losses (mean over ranks of equal-sized shares), routed-slot counts (sum)
       // and stop requests in one all-reduce: every rank sees the global values.
       stats_dev = group->sum(stats_dev, "step statistics all-reduce");
@@ -451,7 +478,13 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     }
     // Clipping before the finiteness check is harmless: a non-finite step is skipped or aborts.
     torch::Tensor grad_norm_dev;
-    if (cfg.optim.grad_clip > 0) grad_norm_dev = clip_grad_norm_on_device(m->parameters(), cfg.optim.grad_clip);
+    double ep_grad_norm = 0;  // expert parallel: the norm spans the experts of every rank (host reads inside)
+    if (cfg.optim.grad_clip > 0) {
+      if (ep)
+        ep_grad_norm = ep->clip_grad_norm(cfg.optim.grad_clip);
+      else
+        grad_norm_dev = clip_grad_norm_on_device(m->parameters(), cfg.optim.grad_clip);
+    }
     if (grad_norm_dev.defined()) stats_dev = torch::cat({stats_dev, grad_norm_dev.to(torch::kFloat64).reshape({1})});
     const auto stats = stats_dev.cpu();  // the step's one host sync
     const double* sv = stats.data_ptr<double>();
@@ -475,7 +508,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
                   (last_good.empty() ? "none (the run started from scratch)" : last_good) +
                   ". Lower optim.lr, or set train.on_nonfinite = \"skip\"");
     }
-    const double grad_norm = grad_norm_dev.defined() ? sv[stats.numel() - 1] : 0.0;
+    const double grad_norm = ep ? ep_grad_norm : grad_norm_dev.defined() ? sv[stats.numel() - 1] : 0.0;
     optimizer->step();
     m->update_router_biases(counts);  // aux-loss-free balancing; no-op for other routers
     ++step;
@@ -542,7 +575,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   }
   checkpoint(step);
   summary.final_eval = run_eval(step);
-  if (root) save_checkpoint((out / "checkpoints" / "final").string(), *m, nullptr, trainer_state(step), cfg);
+  save((out / "checkpoints" / "final").string(), nullptr, step);
   summary.tokens = step * tokens_per_step;
   summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   json sj = {{"run", cfg.run.name},
