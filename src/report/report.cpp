@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include "report/report_routing.h"
 #include "report/svg.h"
 
 namespace moecpt::report {
@@ -886,6 +887,7 @@ std::string render_report(const StudyResults& r) {
     h += "<div class=\"row\">" + figure(render_line_plot(p), "") + figure(render_bar_chart(b), "") + "</div>";
   }
 
+  h += render_routing_section(r);  // co-activation, domain affinity, specialisation, Sinkhorn modes (report_routing.h)
   h += "<h2 id=\"arms\">All arms</h2>" + table_html(v);
   h += "<p class=\"note\">FLOPs = tokens × training FLOPs per token (6·N<sub>active</sub> + attention, docs/model.md). "
        "Wall time is the arm's last training session. MRI columns: inference-mode, mean over layers, after the arm.</p>";
