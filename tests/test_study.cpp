@@ -65,7 +65,15 @@ TEST(Study, MiniRecipePlansEveryArm) {
   for (size_t i = 0; i < plan.arms.size(); ++i) {
     EXPECT_EQ(quick.arms[i].name, plan.arms[i].name);
     EXPECT_LT(quick.arms[i].config.train.steps, plan.arms[i].config.train.steps);
+    // [quick] set: a toy size, applied to every arm after the phase's own settings.
+    EXPECT_LT(quick.arms[i].config.train.batch_size * quick.arms[i].config.model.seq_len,
+              plan.arms[i].config.train.batch_size * plan.arms[i].config.model.seq_len);
   }
+  // Tasks: paths resolved against the recipe, fewer items in --quick.
+  ASSERT_FALSE(plan.tasks.empty());
+  for (const auto& t : plan.tasks) EXPECT_TRUE(fs::exists(t)) << t;
+  EXPECT_GT(plan.task_items, quick.task_items);
+  EXPECT_GE(plan.saturation_batches, quick.saturation_batches);
 }
 
 TEST(Study, BadRecipesNameTheKey) {
@@ -177,7 +185,7 @@ TEST(StudyE2E, QuickStudyAndReportInChromium) {
   EXPECT_EQ(res.analysis["saturation"].size(), 7u);
   ASSERT_EQ(res.analysis["tasks"].size(), 16u);
   for (const auto& [arm, per] : res.analysis["tasks"].items()) {
-    EXPECT_EQ(per.size(), 6u) << arm;
+    EXPECT_EQ(per.size(), 2u) << arm;  // the recipe's [quick] tasks
     for (const auto& [task, t] : per.items()) {
       EXPECT_GE(t["acc"].get<double>(), 0.0);
       EXPECT_LE(t["acc"].get<double>(), 1.0);

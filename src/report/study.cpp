@@ -274,9 +274,16 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
   // --quick: the same arms, smaller (a smoke test of the whole pipeline, not of the findings).
   std::vector<std::string> quick_sets;
   if (const auto* q = r.table("quick", false)) {
-    r.only(*q, "quick", {"set", "task_items", "saturation_batches"});
+    r.only(*q, "quick", {"set", "task_items", "saturation_batches", "tasks"});
     if (quick) {
       quick_sets = r.strings(*q, "quick", "set");
+      if (q->get("tasks")) {
+        plan.tasks.clear();
+        for (const auto& t : r.strings(*q, "quick", "tasks")) {
+          plan.tasks.push_back(rel(t));
+          if (!fs::exists(plan.tasks.back())) r.fail("quick.tasks", "task file " + plan.tasks.back() + " not found");
+        }
+      }
       plan.task_items = r.integer(*q, "quick", "task_items", plan.task_items, 0);
       plan.saturation_batches = r.integer(*q, "quick", "saturation_batches", plan.saturation_batches, 1);
     }
@@ -314,9 +321,9 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
     }
     p.evals = r.integer(t, key, "evals", 0, 0);
     p.checkpoints = r.integer(t, key, "checkpoints", 0, 0);
-    if (quick) {  // a smoke test: few validation passes and checkpoints
-      p.evals = std::min<int64_t>(p.evals, 3);
-      p.checkpoints = std::min<int64_t>(p.checkpoints, 3);
+    if (quick) {  // a smoke test: few validation passes and checkpoints (each costs a fixed time)
+      p.evals = std::min<int64_t>(p.evals, 2);
+      p.checkpoints = std::min<int64_t>(p.checkpoints, 2);
     }
     p.sets = r.strings(t, key, "set");
     return p;
