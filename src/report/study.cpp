@@ -557,9 +557,8 @@ bool run_study(const StudyPlan& plan, const StudyOptions& opts) {
     drop_optimizer_state(a.config.run.out_dir);
     note_speed(a);
     ++done;
-    char msg[160];
-    std::snprintf(msg, sizeof msg, ": %lld steps in %.1f s (%.1f s of it outside the training loop: setup, "
-                  "evaluations, checkpoints)", (long long)s.steps, secs, std::max(0.0, secs - s.seconds));
+    char msg[96];  // the arm's whole time: setup, steps, validation passes, checkpoints
+    std::snprintf(msg, sizeof msg, ": %lld steps in %.1f s", (long long)s.steps, secs);
     log::info(head + a.name + msg);
   }
   log::info("study: all " + std::to_string(n) + " arms trained (" + duration(seconds_since(t0)) + ")");
