@@ -3,6 +3,7 @@
 // and the shipped tasks regenerate byte for byte from the held-out documents.
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -224,7 +225,11 @@ TEST(EvalTasks, MakeTasksIsDeterministicAndUsesOnlyHeldOutDocuments) {
   for (const auto& it : analysis::read_task_file(dir / "t1/p-cloze.jsonl")) {
     const std::string w = it.choices[size_t(it.label)].substr(1);
     EXPECT_NE(it.context.find(w), std::string::npos) << "cloze word must occur in the passage: " << w;
+    // Distractors are words of the same passage: copying from it does not give the answer.
+    for (const auto& c : it.choices) EXPECT_NE(it.context.find(c.substr(1)), std::string::npos) << c;
   }
+  EXPECT_EQ(s1["p"]["cloze"]["copy_solvable"], 0);
+  EXPECT_EQ(s1["code"]["cloze"]["copy_solvable"], 0);
 }
 
 TEST(EvalTasks, ShippedTasksParseAndRegenerateByteForByte) {
@@ -238,8 +243,24 @@ TEST(EvalTasks, ShippedTasksParseAndRegenerateByteForByte) {
   for (const auto& e : std::filesystem::directory_iterator(kSrc + "/data/tasks")) {
     if (e.path().extension() != ".jsonl") continue;
     ++files;
-    // en-cloze has only 10 items: the shipped English subset has 5 held-out documents.
-    EXPECT_GE(analysis::read_task_file(e.path().string()).size(), 10u) << e.path();
+    const auto items = analysis::read_task_file(e.path().string());
+    EXPECT_GE(items.size(), 50u) << e.path();
+    // Cloze: every choice occurs as a whole word in the passage (code: an identifier),
+    // so a "copy a word from the passage" heuristic has nothing to go on.
+    if (e.path().string().find("-cloze") != std::string::npos)
+      for (const auto& it : items)
+        for (const auto& c : it.choices) {
+          const std::string w = c.substr(c.find_first_not_of(' '));
+          const bool code = e.path().filename().string().rfind("code", 0) == 0;
+          auto is_word = [&](char ch) {  // as make-tasks splits words: identifiers / letter runs
+            const auto u = (unsigned char)ch;
+            return code ? std::isalnum(u) || ch == '_' : std::isalpha(u) || u >= 0x80;
+          };
+          bool found = false;
+          for (size_t p = it.context.find(w); p != std::string::npos && !found; p = it.context.find(w, p + 1))
+            found = (p == 0 || !is_word(it.context[p - 1])) && (p + w.size() == it.context.size() || !is_word(it.context[p + w.size()]));
+          EXPECT_TRUE(found) << it.id << ": choice '" << c << "' does not occur in the passage";
+        }
     EXPECT_EQ(testing::read_text(e.path().string()), testing::read_text(dir / ("tasks/" + e.path().filename().string())))
         << e.path() << " differs from what `moecpt eval make-tasks` generates now";
   }

@@ -234,12 +234,13 @@ std::string rstrip(std::string s) {
 // Unit boundaries: prose = just after a sentence end ([.!?] (closing quote or
 // bracket)* then whitespace); code = every newline. Returns positions b with
 // b[0] = 0 and b.back() = text size.
-std::vector<size_t> boundaries(const std::string& t, bool lines) {
+// With `clauses`, prose also breaks after , ; : followed by whitespace.
+std::vector<size_t> boundaries(const std::string& t, bool lines, bool clauses = false) {
   std::vector<size_t> b = {0};
   for (size_t i = 0; i < t.size(); ++i) {
     if (lines) {
       if (t[i] == '\n' && i > b.back()) b.push_back(i);
-    } else if (t[i] == '.' || t[i] == '!' || t[i] == '?') {
+    } else if (t[i] == '.' || t[i] == '!' || t[i] == '?' || (clauses && (t[i] == ',' || t[i] == ';' || t[i] == ':'))) {
       size_t j = i + 1;
       while (j < t.size() && (t[j] == '"' || t[j] == '\'' || t[j] == ')')) ++j;
       if (j < t.size() && is_space(t[j])) b.push_back(j);
@@ -272,6 +273,7 @@ struct Candidate {
   size_t doc = 0;
   std::string id;
   std::string context, answer;
+  std::vector<std::string> context_words;  // cloze: distinct words of the context other than the answer
   uint64_t order = 0;
 };
 
@@ -333,26 +335,36 @@ std::vector<Candidate> continuation_candidates(const std::vector<const Document*
   return out;
 }
 
+// Cloze targets: the last word of a unit (prose: a sentence or a clause ending
+// in , ; :; code: a line) that already occurs in the context before it. The
+// context is as many whole sentences (code: lines) before the word as fit in
+// kContextMax bytes (at least kContextMin); targets lie at least kClozeSpacing
+// bytes apart, so one document gives many overlapping windows. The distinct
+// words of the context (other than the answer) are kept: the distractors are
+// drawn from them, so every choice occurs in the passage and copying a word
+// from the passage does not tell the answer.
+constexpr size_t kClozeSpacing = 100;
+
 std::vector<Candidate> cloze_candidates(const std::vector<const Document*>& docs, bool lines) {
   std::vector<Candidate> out;
   for (size_t d = 0; d < docs.size(); ++d) {
     const std::string& t = docs[d]->text;
-    const auto b = boundaries(t, lines);
-    size_t next_ok = kContextMin;  // targets at least a context apart
-    for (size_t u = 1; u < b.size(); ++u) {
-      if (b[u] < next_ok) continue;
-      // The last word of the unit ending at b[u].
-      const size_t lo = b[u - 1];
-      auto ws = words_of(t.substr(lo, b[u] - lo), lines);
+    const auto units = boundaries(t, lines, /*clauses=*/!lines);
+    const auto starts = boundaries(t, lines);  // whole sentences / lines
+    size_t next_ok = kContextMin;
+    for (size_t u = 1; u < units.size(); ++u) {
+      if (units[u] < next_ok) continue;
+      // The last word of the unit ending at units[u].
+      const size_t lo = units[u - 1];
+      auto ws = words_of(t.substr(lo, units[u] - lo), lines);
       if (ws.empty()) continue;
       const size_t wa = lo + ws.back().first, wb = lo + ws.back().second;
       const std::string w = t.substr(wa, wb - wa);
       if (w.size() < kWordMin) continue;
-      // Context: whole units before the word, at least kContextMin bytes.
-      size_t s = u - 1;
-      while (s > 0 && wa - b[s] < kContextMin) --s;
-      if (wa - b[s] < kContextMin || wa - b[s] > kContextMax) continue;
-      std::string raw = t.substr(b[s], wa - b[s]);
+      // Context: from the earliest sentence/line start at most kContextMax bytes before the word.
+      auto it = std::lower_bound(starts.begin(), starts.end(), wa >= kContextMax ? wa - kContextMax : 0);
+      if (it == starts.end() || *it > wa || wa - *it < kContextMin) continue;
+      std::string raw = t.substr(*it, wa - *it);
       const bool space_before = !raw.empty() && is_space(raw.back());
       std::string ctx = lines ? norm_context(raw, true) : collapse_spaces(raw);
       if (!lines || space_before) ctx = rstrip(ctx);
@@ -362,8 +374,11 @@ std::vector<Candidate> cloze_candidates(const std::vector<const Document*>& docs
       c.context = ctx;
       c.answer = (space_before || !lines ? " " : "") + w;
       c.id = docs[d]->id + "@" + std::to_string(wa);
+      std::set<std::string> seen = {w};
+      for (const auto& [a, b] : words_of(ctx, lines))
+        if (b - a >= kWordMin && seen.insert(ctx.substr(a, b - a)).second) c.context_words.push_back(ctx.substr(a, b - a));
       out.push_back(std::move(c));
-      next_ok = wb + kContextMin;
+      next_ok = wb + kClozeSpacing;
     }
   }
   return out;
@@ -435,26 +450,34 @@ json make_tasks(const MakeTasksOptions& opt) {
       std::vector<std::pair<size_t, std::string>> pool;
       if (cont) {
         for (const auto& c : cands) pool.emplace_back(c.doc, c.answer);
-      } else {
-        std::set<std::pair<size_t, std::string>> seen;
-        for (size_t d = 0; d < val.size(); ++d)
-          for (const auto& [a, b] : words_of(val[d]->text, lines))
-            if (b - a >= kWordMin && seen.insert({d, val[d]->text.substr(a, b - a)}).second)
-              pool.emplace_back(d, (lines ? "" : " ") + val[d]->text.substr(a, b - a));
+      } else {  // distractors come from each passage's own words: too few of them, no item
+        std::erase_if(cands, [&](const Candidate& c) { return int64_t(c.context_words.size()) < opt.n_choices - 1; });
       }
       const size_t total = cands.size();
       subsample(cands, opt.max_items, opt.seed);
-      // Code cloze: an answer after a space gets distractors after a space too.
-      auto pool_spaced = pool;
-      for (auto& p : pool_spaced) p.second = " " + p.second;
       std::vector<json> items;
+      int64_t copy_solvable = 0;  // cloze: the answer is the only choice that occurs in the passage
       for (size_t i = 0; i < cands.size(); ++i) {
-        const bool spaced = !cont && lines && !cands[i].answer.empty() && cands[i].answer[0] == ' ';
         char idbuf[32];
         std::snprintf(idbuf, sizeof idbuf, "%04zu", items.size());
-        json item = make_item(name + "-" + (cont ? "cont-" : "cloze-") + idbuf, cands[i], spaced ? pool_spaced : pool,
-                              opt.n_choices, opt.seed, cont);
-        if (!item.is_null()) items.push_back(std::move(item));
+        if (!cont) {  // the words of the passage, with the answer's leading space (if any)
+          const std::string prefix = cands[i].answer.substr(0, cands[i].answer.find_first_not_of(' '));
+          pool.clear();
+          for (const auto& w : cands[i].context_words) pool.emplace_back(size_t(-1), prefix + w);
+        }
+        json item = make_item(name + "-" + (cont ? "cont-" : "cloze-") + idbuf, cands[i], pool, opt.n_choices, opt.seed,
+                              cont);
+        if (item.is_null()) continue;
+        if (!cont) {
+          int64_t in_ctx = 0;
+          for (const auto& ch : item["choices"]) {
+            std::string w = ch.get<std::string>();
+            w.erase(0, w.find_first_not_of(' '));
+            in_ctx += contains_word(cands[i].context, w, lines);
+          }
+          copy_solvable += in_ctx == 1;
+        }
+        items.push_back(std::move(item));
       }
       if (items.empty()) {
         js[kind] = {{"items", 0}, {"candidates", total}};
@@ -463,6 +486,7 @@ json make_tasks(const MakeTasksOptions& opt) {
       const std::string path = (fs::path(opt.out_dir) / (name + "-" + kind + ".jsonl")).string();
       write_items(path, items);
       js[kind] = {{"items", items.size()}, {"candidates", total}, {"file", path}};
+      if (!cont) js[kind]["copy_solvable"] = copy_solvable;
     }
     summary[name] = js;
   }

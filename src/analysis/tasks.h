@@ -42,9 +42,11 @@ std::string eval_text(const nlohmann::json& report);
 // (documents.h: is_validation_document(id, val_fraction, seed)).
 //   <name>-continuation.jsonl: a passage and its true continuation among
 //     `n_choices - 1` continuations of passages from other held-out documents.
-//   <name>-cloze.jsonl: LAMBADA-style; the passage ends before the last word of
-//     a sentence (code: line) that already occurs in the passage; the choices
-//     are that word and words of similar length from other held-out documents.
+//   <name>-cloze.jsonl: LAMBADA-style; the passage (whole sentences / lines, up
+//     to 800 bytes) ends before the last word of a sentence or clause (code: a
+//     line) that already occurs in the passage; the distractors are other words
+//     of the same passage (of similar length when possible), so every choice
+//     occurs in the passage and copying from it does not reveal the answer.
 // Code corpora (names in `line_corpora`) are cut at lines, prose at sentences.
 // Deterministic: the same corpora and options give byte-identical files.
 struct MakeTasksOptions {
@@ -55,7 +57,9 @@ struct MakeTasksOptions {
   uint64_t seed = 0;                // distractor choice
   std::vector<std::string> line_corpora = {"code"};
 };
-// Returns {name: {"documents": n_val_docs, "continuation": items, "cloze": items}}.
+// Returns {name: {"documents": n_val_docs, "continuation": {"items", "candidates",
+// "file"}, "cloze": {… , "copy_solvable": items whose answer is the only choice
+// found in the passage (0 by construction)}}}.
 nlohmann::json make_tasks(const MakeTasksOptions& opt);
 
 }  // namespace moecpt::analysis

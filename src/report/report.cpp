@@ -6,6 +6,7 @@
 #include <map>
 #include <set>
 
+#include "report/report_routing.h"
 #include "report/svg.h"
 
 namespace moecpt::report {
@@ -125,6 +126,7 @@ struct View {
 std::string f3(double v) { return fmt_fixed(v, 3); }
 std::string f2(double v) { return fmt_fixed(v, 2); }
 std::string signed3(double v) { return (std::isfinite(v) && v >= 0 ? "+" : "") + fmt_fixed(v, 3); }
+std::string signed2(double v) { return (std::isfinite(v) && v >= 0 ? "+" : "") + fmt_fixed(v, 2); }
 
 // Moving average over `w` points (ignoring NaN), for noisy per-step MRI.
 std::vector<double> smooth(const std::vector<double>& v, int w) {
@@ -216,7 +218,10 @@ Finding finding_forgetting(const View& v) {
   if (parts.empty()) return {3, f.question, "Not measured: the study has no MoE CPT arm.", false};
   const std::string nums = "forgetting on " + v.old_ds + " (Δ loss, nats) after CPT with " + v.variant_label(v.main_variant) +
                            ": " + list_join(parts) + "; Dense " + signed3(fd) + ".";
-  if (worst <= fd + v.tie_nats)
+  if (worst <= v.tie_nats && fd <= v.tie_nats)
+    f.verdict = "Not measurable at this scale: no arm forgot (" + v.old_ds + " loss fell or stayed within " +
+                f2(v.tie_nats) + " nats during CPT: the models were still learning " + v.old_ds + " from the replay) — " + nums;
+  else if (worst <= fd + v.tie_nats)
     f.verdict = "MoEs forgot no more than dense: " + nums;
   else
     f.verdict = "At this scale " + pretty_model(worst_m) + " forgot more than dense (by " + f3(worst - fd) +
@@ -275,7 +280,7 @@ Finding finding_spike(const View& v) {
     v1 = "Z+Aux routers spike at the shift (up to +" + f2(aux_rise) + " MRI), Sinkhorn stays flat (+" +
          f2(std::max(0.0, sk_rise)) + ")";
   else
-    v1 = "No Z+Aux spike beyond Sinkhorn's at this scale (+" + f2(aux_rise) + " vs +" + f2(sk_rise) + " MRI)";
+    v1 = "No Z+Aux spike beyond Sinkhorn's at this scale (MRI rise " + signed2(aux_rise) + " vs " + signed2(sk_rise) + ")";
   const std::string v2 = aux_end < sk_end - v.tie_mri ? "; Z+Aux ends CPT closer to balance than Sinkhorn"
                                                       : "; Z+Aux does not end closer to balance than Sinkhorn";
   // Decayed (re-warm) vs non-decayed (infinite) start, same model.
@@ -289,7 +294,7 @@ Finding finding_spike(const View& v) {
       if (!ai || !ar || !v.is_moe(m) || s_of(*ai, "router") == "sinkhorn") continue;
       const double ri = shift_stats(v, *ai).rise(), rr = shift_stats(v, *ar).rise();
       v3 = "; " + pretty_model(m) + " spikes " + (rr > ri + v.tie_mri ? "more" : rr < ri - v.tie_mri ? "less" : "about as much") +
-           " from the decayed checkpoint (+" + f2(rr) + ") than from the pre-anneal one (+" + f2(ri) + ")";
+           " from the decayed checkpoint (" + signed2(rr) + ") than from the pre-anneal one (" + signed2(ri) + ")";
       break;
     }
     break;
@@ -536,19 +541,41 @@ std::string load_heatmap(const json& arm, const char* which, const std::string& 
   return render_heatmap(h);
 }
 
+// What the accuracy columns are: task files, items scored, chance level.
+std::string task_note(const json& analysis) {
+  const json files = analysis.value("task_files", json::array());
+  if (files.empty()) return "";
+  const json tasks = analysis.value("tasks", json::object());
+  std::vector<std::string> parts;
+  for (const auto& f : files) {
+    const std::string name = s_of(f, "name");
+    for (const auto& [arm, per] : tasks.items())
+      if (per.contains(name)) {
+        parts.push_back(name + " " + fmt_fixed(d_of(per[name], "items"), 0) + " items (chance " +
+                        f2(d_of(per[name], "chance")) + ")");
+        break;
+      }
+  }
+  return " Accuracy columns: zero-shot multiple choice on the final checkpoint (moecpt eval; the choice with the "
+         "highest log-likelihood), " + xml_escape(list_join(parts)) + ".";
+}
+
 std::string table_html(const View& v) {
   std::string s = "<div class=\"scroll\"><table><thead><tr><th>arm</th><th>kind</th><th>model</th><th>router</th><th>replay</th>"
                   "<th>schedule</th><th>from</th><th>steps</th><th>tokens</th><th>train FLOPs</th><th>params (active)</th>"
                   "<th>wall time</th><th>final train loss</th>";
   for (const auto& ds : v.sets) s += "<th>val loss " + xml_escape(ds) + "</th>";
   for (const auto& ds : v.sets) s += "<th>mean MRI " + xml_escape(ds) + "</th>";
+  const json tasks = v.r.analysis.value("tasks", json::object());
+  const json task_files = v.r.analysis.value("task_files", json::array());
+  for (const auto& t : task_files) s += "<th>acc " + xml_escape(s_of(t, "name")) + "</th>";
   s += "</tr></thead><tbody>";
   for (const auto& a : v.r.arms) {
     char secs[32];
     std::snprintf(secs, sizeof secs, "%.0f s", d_of(a, "seconds"));
     s += "<tr><td>" + xml_escape(s_of(a, "name")) + "</td><td>" + s_of(a, "kind") + "</td><td>" +
          xml_escape(pretty_model(s_of(a, "model"))) + "</td><td>" + xml_escape(s_of(a, "router")) + "</td><td>" +
-         (s_of(a, "kind") == "pt" ? "–" : fmt_fixed(100 * d_of(a, "replay"), 0) + " %") + "</td><td>" +
+         (s_of(a, "kind") != "cpt" ? "–" : fmt_fixed(100 * d_of(a, "replay"), 0) + " %") + "</td><td>" +
          xml_escape(s_of(a, "schedule")) + "</td><td>" +
          xml_escape(s_of(a, "parent").empty() ? "scratch" : s_of(a, "parent") + "/" + s_of(a, "parent_checkpoint")) +
          "</td><td class=\"n\">" + fmt_fixed(d_of(a, "steps"), 0) + "</td><td class=\"n\">" + format_si(d_of(a, "tokens")) +
@@ -557,6 +584,11 @@ std::string table_html(const View& v) {
          "</td><td class=\"n\">" + f3(d_of(a, "final_train_loss")) + "</td>";
     for (const auto& ds : v.sets) s += "<td class=\"n\">" + f3(loss(&a, "final_eval", ds)) + "</td>";
     for (const auto& ds : v.sets) s += "<td class=\"n\">" + f3(mean(mri_layers(&a, "final_eval", ds))) + "</td>";
+    for (const auto& t : task_files) {
+      const std::string arm = s_of(a, "name"), task = s_of(t, "name");
+      const bool has = tasks.contains(arm) && tasks[arm].contains(task);
+      s += "<td class=\"n\">" + (has ? f2(d_of(tasks[arm][task], "acc")) : std::string("–")) + "</td>";
+    }
     s += "</tr>";
   }
   return s + "</tbody></table></div>";
@@ -573,6 +605,26 @@ table{border-collapse:collapse;font-size:12px}th,td{border:1px solid #ddd;paddin
 td.n{text-align:right;font-variant-numeric:tabular-nums}.scroll{overflow-x:auto}pre{font-size:11px;background:#fafafa;padding:8px;overflow-x:auto}
 details{margin:4px 0}summary{cursor:pointer;font-size:13px}.note{font-size:13px;color:#444}
 )";
+
+// The header line: what ran, and how long the whole study took (data,
+// training, analyses) on which machine.
+std::string study_meta(const StudyResults& r, const View& v) {
+  const json phases = r.study.value("phases", json::object());
+  const int sessions = phases.value("sessions", 1);
+  const std::string when = "whole study " + duration_text(d_of(r.study, "wall_seconds")) +
+                           (sessions > 1 ? " over " + std::to_string(sessions) + " sessions" : "");
+  const std::string parts = phase_summary(phases);
+  char head[512];
+  std::snprintf(head, sizeof head, "Recipe %s · PT on <b>%s</b>, CPT on <b>%s</b> (study replay %.0f %%) · %zu arms · ",
+                xml_escape(s_of(r.study, "recipe")).c_str(), xml_escape(v.old_ds).c_str(), xml_escape(v.new_ds).c_str(),
+                100 * v.replay, r.arms.size());
+  const std::string machine = r.study.contains("machine")
+                                  ? xml_escape(s_of(r.study["machine"], "hostname")) + " (" +
+                                        std::to_string(int(d_of(r.study["machine"], "cores"))) + " cores)"
+                                  : "";
+  return head + std::string("<b>") + when + "</b>" + (parts.empty() ? "" : ": " + parts) + " on " + machine + " · " +
+         xml_escape(s_of(r.study, "created"));
+}
 
 std::string verdict_html(const Finding& f) {
   return std::string("<p class=\"verdict") + (f.available ? "" : " na") + "\"><b>Verdict (finding " + std::to_string(f.id) +
@@ -606,16 +658,7 @@ std::string render_report(const StudyResults& r) {
                   xml_escape(s_of(r.study, "name")) + "</title><style>" + kCss + "</style></head><body>";
   h += "<h1>Continual pre-training of MoEs — miniature replication (" + xml_escape(s_of(r.study, "name")) +
        (r.study.value("quick", false) ? ", --quick" : "") + ")</h1>";
-  char meta[512];
-  std::snprintf(meta, sizeof meta,
-                "Recipe %s · PT on <b>%s</b>, CPT on <b>%s</b> (study replay %.0f %%) · %zu arms · training %.0f s, "
-                "whole study %.0f s on %s (%d cores) · %s",
-                xml_escape(s_of(r.study, "recipe")).c_str(), xml_escape(v.old_ds).c_str(), xml_escape(v.new_ds).c_str(),
-                100 * v.replay, r.arms.size(), d_of(r.study, "train_seconds"), d_of(r.study, "wall_seconds"),
-                xml_escape(r.study.contains("machine") ? s_of(r.study["machine"], "hostname") : "").c_str(),
-                r.study.contains("machine") ? int(d_of(r.study["machine"], "cores")) : 0,
-                xml_escape(s_of(r.study, "created")).c_str());
-  h += "<p class=\"meta\">" + std::string(meta) + "</p>";
+  h += "<p class=\"meta\">" + study_meta(r, v) + "</p>";
   const auto planned = r.study.value("arms_planned", std::vector<std::string>{});
   if (planned.size() > r.arms.size())
     h += "<p class=\"verdict na\">Incomplete study: " + std::to_string(r.arms.size()) + " of " +
@@ -886,9 +929,11 @@ std::string render_report(const StudyResults& r) {
     h += "<div class=\"row\">" + figure(render_line_plot(p), "") + figure(render_bar_chart(b), "") + "</div>";
   }
 
+  h += render_routing_section(r);  // co-activation, domain affinity, specialisation, Sinkhorn modes (report_routing.h)
   h += "<h2 id=\"arms\">All arms</h2>" + table_html(v);
   h += "<p class=\"note\">FLOPs = tokens × training FLOPs per token (6·N<sub>active</sub> + attention, docs/model.md). "
-       "Wall time is the arm's last training session. MRI columns: inference-mode, mean over layers, after the arm.</p>";
+       "Wall time is the arm's last training session. MRI columns: inference-mode, mean over layers, after the arm." +
+       task_note(v.r.analysis) + "</p>";
   h += "<h2 id=\"configs\">Effective configs</h2><details><summary>study recipe (" + xml_escape(s_of(r.study, "recipe")) +
        ")</summary><pre>" + xml_escape(s_of(r.study, "recipe_text")) + "</pre></details>";
   for (const auto& a : r.arms)

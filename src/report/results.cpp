@@ -1,6 +1,7 @@
 #include "report/results.h"
 
 #include <chrono>
+#include <cmath>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -10,10 +11,8 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/log.h"
-#include "data/mixture.h"
-#include "data/shard.h"
-#include "model/transformer.h"
-#include "train/checkpoint.h"
+#include "analysis/reports.h"
+#include "analysis/tasks.h"
 
 namespace moecpt::report {
 namespace fs = std::filesystem;
@@ -71,33 +70,9 @@ json read_curves(const std::string& metrics_path) {
   return {{"train", train}, {"eval", eval}};
 }
 
-// Expert choices of every MoE layer on fixed validation windows, inference mode.
-std::vector<torch::Tensor> routing_choices(model::Transformer& m, const std::vector<Batch>& batches) {
-  torch::NoGradGuard ng;
-  m->eval();
-  std::vector<std::vector<torch::Tensor>> per_layer;
-  for (const auto& b : batches) {
-    auto t = torch::from_blob(const_cast<int64_t*>(b.tokens.data()), {b.batch_size, b.seq_len + 1}, torch::kInt64);
-    auto out = m->forward(t.narrow(1, 0, b.seq_len).clone());
-    if (per_layer.empty()) per_layer.resize(out.routing.size());
-    for (size_t l = 0; l < out.routing.size(); ++l) per_layer[l].push_back(out.routing[l].topk_ids_TK.to(torch::kCPU));
-  }
-  std::vector<torch::Tensor> ids;
-  for (auto& p : per_layer) ids.push_back(torch::cat(p));
-  return ids;
-}
-
 }  // namespace
 
-// overlap(a, b) = mean over tokens of |I_k^a(x) ∩ I_k^b(x)| / k (SPEC §5).
-double routing_overlap(const torch::Tensor& a_TK, const torch::Tensor& b_TK) {
-  const int64_t k = a_TK.size(1);
-  // [T, K, 1] == [T, 1, K]: each of a's choices found among b's (choices are distinct).
-  auto hits = (a_TK.unsqueeze(2) == b_TK.unsqueeze(1)).any(2).sum(1).to(torch::kFloat64);
-  return hits.mean().item<double>() / double(k);
-}
-
-void collect_results(const StudyPlan& plan, const std::string& results_dir, double wall_seconds) {
+void collect_results(const StudyPlan& plan, const std::string& results_dir, double wall_seconds, const json& phases) {
   fs::create_directories(results_dir);
   json arms = json::array(), curves = json::object();
   json finished = json::array(), planned = json::array();
@@ -156,6 +131,7 @@ void collect_results(const StudyPlan& plan, const std::string& results_dir, doub
                 {"tie_nats", plan.tie_nats},
                 {"tie_mri", plan.tie_mri},
                 {"wall_seconds", wall_seconds},
+                {"phases", phases},
                 {"train_seconds", train_seconds},
                 {"created", utc_now()},
                 {"machine", {{"hostname", host}, {"cores", std::thread::hardware_concurrency()}}},
@@ -166,48 +142,169 @@ void collect_results(const StudyPlan& plan, const std::string& results_dir, doub
   write_file_atomic(results_dir + "/curves.json", curves.dump() + "\n");
 }
 
-void run_analyses(const StudyPlan& plan, const std::string& results_dir) {
-  const auto t0 = std::chrono::steady_clock::now();
-  json saturation = json::object();
+namespace {
+
+json read_json_or_null(const std::string& path) {
+  if (!fs::exists(path)) return nullptr;
+  json j = json::parse(read_file(path), nullptr, false);
+  return j.is_discarded() ? json(nullptr) : j;
+}
+
+// The first `items` lines of a task file (0 = the file itself), copied under
+// results/tasks/ so the items scored are on disk next to the results.
+std::string bounded_task(const std::string& task, int64_t items, const std::string& results_dir) {
+  if (items <= 0) return task;
+  const std::string dir = results_dir + "/tasks";
+  fs::create_directories(dir);
+  const std::string out = dir + "/" + fs::path(task).stem().string() + "-first" + std::to_string(items) + ".jsonl";
+  std::ifstream in(task);
+  if (!in) throw Error(task + ": cannot read the task file");
+  std::string line, text;
+  for (int64_t n = 0; n < items && std::getline(in, line);)
+    if (!line.empty()) text += line + "\n", ++n;
+  write_file_atomic(out, text);
+  return out;
+}
+
+std::string task_name(const std::string& path) { return fs::path(path).stem().string(); }
+
+}  // namespace
+
+std::string duration_text(double seconds) {
+  if (!std::isfinite(seconds)) return "?";
+  const long t = std::lround(seconds);
+  char buf[48];
+  if (t < 60) std::snprintf(buf, sizeof buf, "%ld s", t);
+  else if (t < 3600) std::snprintf(buf, sizeof buf, "%ld min %ld s", t / 60, t % 60);
+  else std::snprintf(buf, sizeof buf, "%ld h %ld min", t / 3600, (t % 3600) / 60);
+  return buf;
+}
+
+std::string phase_summary(const json& phases) {
+  std::string s;
+  auto add = [&](const char* key, const char* label) {
+    if (!phases.contains(key) || !phases[key].is_number()) return;
+    s += (s.empty() ? "" : ", ") + std::string(label) + " " + duration_text(phases[key].get<double>());
+  };
+  add("data", "data");
+  add("train", "training");
+  add("saturation", "router saturation");
+  add("tasks", "task evaluations");
+  add("routing", "routing diagnostics");
+  return s;
+}
+
+// Router saturation (analysis::saturation_report) of every MoE CPT arm and
+// zero-shot task accuracies (analysis::eval_report) of every arm's final
+// checkpoint. Each arm's results are cached in <arm>/analysis.json with the
+// settings that produced them, so a re-run (or a resumed study) redoes only
+// what changed.
+void run_analyses(const StudyPlan& plan, const std::string& results_dir, json& phases,
+                  const std::function<bool()>& stop) {
+  fs::create_directories(results_dir);
+  json saturation = json::object(), tasks = json::object();
+  double sat_secs = 0, task_secs = 0;
+  std::vector<std::string> task_files;
+  for (const auto& t : plan.tasks) task_files.push_back(bounded_task(t, plan.task_items, results_dir));
+  int n_sat = 0, n_task = 0;
   for (const auto& a : plan.arms) {
-    if (a.kind != "cpt" || a.config.model.ffn != "moe") continue;
+    if (stop && stop()) break;
     const std::string dir = a.config.run.out_dir;
-    if (!fs::exists(dir + "/checkpoints/final/model.safetensors")) continue;
-    // The checkpoints of the phase: its start (the PT checkpoint), every kept step, the end.
-    std::vector<std::pair<int64_t, std::string>> ckpts = {{0, a.config.train.init_from}};
-    for (const auto& e : fs::directory_iterator(dir + "/checkpoints")) {
-      const std::string n = e.path().filename().string();
-      if (n.size() == 13 && n.rfind("step-", 0) == 0 && fs::exists(e.path() / "model.safetensors"))
-        ckpts.emplace_back(std::stoll(n.substr(5)), e.path().string());
-    }
-    std::sort(ckpts.begin(), ckpts.end());
-    model::Transformer m(a.config.model, a.config.router);
-    json per_set = json::object();
-    for (const auto& ds : {plan.old_data, plan.new_data}) {
-      auto batches = fixed_eval_batches(Shard::open(a.config.data.shard_dir + "/" + ds + "/val.bin"),
-                                        a.config.model.seq_len, a.config.train.batch_size, plan.saturation_batches);
-      load_model_weights(dir + "/checkpoints/final", *m);
-      const auto final_ids = routing_choices(m, batches);
-      json rows = json::array();  // [checkpoint][layer]
-      for (const auto& [step, path] : ckpts) {
-        load_model_weights(path, *m);
-        const auto ids = routing_choices(m, batches);
-        json row = json::array();
-        for (size_t l = 0; l < ids.size(); ++l) row.push_back(routing_overlap(ids[l], final_ids[l]));
-        rows.push_back(row);
+    const std::string final_dir = dir + "/checkpoints/final";
+    if (!fs::exists(final_dir + "/model.safetensors")) continue;
+    const std::string cache_path = dir + "/analysis.json";
+    json cache = read_json_or_null(cache_path);
+    if (!cache.is_object()) cache = json::object();
+    bool changed = false;
+
+    // Router saturation: the CPT phase's checkpoints — its start (the PT
+    // checkpoint, step 0 here), every kept step checkpoint, the final one.
+    if (a.kind == "cpt" && a.config.model.ffn == "moe") {
+      std::vector<std::pair<int64_t, std::string>> ckpts = {{0, a.config.train.init_from}};
+      for (const auto& e : fs::directory_iterator(dir + "/checkpoints")) {
+        const std::string n = e.path().filename().string();
+        if (n.size() == 13 && n.rfind("step-", 0) == 0 && fs::exists(e.path() / "model.safetensors")) {
+          const int64_t st = std::stoll(n.substr(5));
+          if (st < a.config.train.steps) ckpts.emplace_back(st, e.path().string());  // the last one is `final`
+        }
       }
-      per_set[ds] = rows;
+      std::sort(ckpts.begin(), ckpts.end());
+      ckpts.emplace_back(a.config.train.steps, final_dir);
+      analysis::SaturationOptions so;
+      for (const auto& c : ckpts) so.checkpoints.push_back(c.second);
+      so.datasets = {plan.old_data, plan.new_data};
+      so.data.max_tokens = plan.saturation_batches * a.config.train.batch_size * a.config.model.seq_len;
+      const json key = {{"checkpoints", so.checkpoints}, {"datasets", so.datasets}, {"max_tokens", so.data.max_tokens}};
+      if (!cache.contains("saturation") || cache["saturation"].value("key", json()) != key) {
+        const auto t0 = std::chrono::steady_clock::now();
+        const json rep = analysis::saturation_report(so);
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        sat_secs += secs;
+        ++n_sat;
+        // The report's layout: per data set, rows [checkpoint][MoE layer].
+        json steps = json::array(), overlap = json::object(), changed_share = json::object();
+        for (const auto& c : ckpts) steps.push_back(c.first);
+        int64_t tokens = 0;
+        for (const auto& ds : so.datasets) {
+          json rows = json::array(), ch = json::array();
+          for (const auto& c : rep["datasets"][ds]["checkpoints"]) rows.push_back(c["overlap"]), ch.push_back(c["changed_share"]);
+          overlap[ds] = rows;
+          changed_share[ds] = ch;
+          tokens = rep["datasets"][ds].value("tokens", int64_t(0));
+        }
+        cache["saturation"] = {{"key", key},
+                               {"result", {{"steps", steps}, {"overlap", overlap}, {"changed_share", changed_share},
+                                           {"tokens_per_set", tokens}, {"seconds", secs}}}};
+        changed = true;
+      }
+      saturation[a.name] = cache["saturation"]["result"];
     }
-    json steps = json::array();
-    for (const auto& c : ckpts) steps.push_back(c.first);
-    saturation[a.name] = {{"steps", steps}, {"overlap", per_set},
-                          {"tokens_per_set", plan.saturation_batches * a.config.train.batch_size * a.config.model.seq_len}};
+
+    // Zero-shot tasks on the final checkpoint.
+    if (!task_files.empty()) {
+      json& tc = cache["tasks"];
+      if (!tc.is_object()) tc = json::object();
+      json per = json::object();
+      for (size_t i = 0; i < task_files.size(); ++i) {
+        if (stop && stop()) break;
+        const std::string name = task_name(plan.tasks[i]);
+        const json key = {{"task", plan.tasks[i]}, {"items", plan.task_items}};
+        if (!tc.contains(name) || tc[name].value("key", json()) != key) {
+          const auto t0 = std::chrono::steady_clock::now();
+          analysis::EvalOptions eo;
+          eo.checkpoint = final_dir;
+          eo.task = task_files[i];
+          eo.batch_size = 32;
+          json rep = analysis::eval_report(eo);
+          const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          task_secs += secs;
+          ++n_task;
+          tc[name] = {{"key", key},
+                      {"result", {{"items", rep["items"]}, {"acc", rep["acc"]}, {"acc_norm", rep["acc_norm"]},
+                                  {"chance", rep["chance"]}, {"seconds", secs}}}};
+          changed = true;
+        }
+        per[name] = tc[name]["result"];
+      }
+      tasks[a.name] = per;
+    }
+    if (changed) write_file_atomic(cache_path, cache.dump(1) + "\n");
   }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  json analysis = {{"saturation", saturation}, {"seconds", secs}};
+  phases["saturation"] = phases.value("saturation", 0.0) + sat_secs;
+  phases["tasks"] = phases.value("tasks", 0.0) + task_secs;
+  json task_list = json::array();
+  for (size_t i = 0; i < plan.tasks.size(); ++i) task_list.push_back({{"name", task_name(plan.tasks[i])}, {"path", plan.tasks[i]}});
+  json analysis = {{"saturation", saturation},
+                   {"tasks", tasks},
+                   {"task_files", task_list},
+                   {"task_items", plan.task_items},
+                   {"seconds", {{"saturation", sat_secs}, {"tasks", task_secs}}}};
   write_file_atomic(results_dir + "/analysis.json", analysis.dump(1) + "\n");
-  log::info("study: router saturation of " + std::to_string(saturation.size()) + " CPT arms (" +
-            std::to_string(int(secs)) + " s)");
+  char msg[200];
+  std::snprintf(msg, sizeof msg, "study: router saturation of %d CPT arm(s) in %.1f s, %d task evaluation(s) in %.1f s "
+                "(%zu cached)", n_sat, sat_secs, n_task, task_secs,
+                size_t(saturation.size() - size_t(n_sat)));
+  log::info(msg);
 }
 
 StudyResults load_results(const std::string& results_dir) {

@@ -6,8 +6,10 @@
 //                 per-expert loads per layer, per data set), the effective config (TOML)
 //   curves.json — per arm: training lines (step, tokens, lr, loss, training-mode MRI per
 //                 layer) and evaluation lines (step, per data set loss and MRI per layer)
-//   analysis.json — routing analyses of checkpoints (router saturation), when computed
+//   analysis.json — router saturation of the MoE CPT arms' checkpoints and zero-shot task
+//                 accuracies of every arm's final checkpoint, when computed
 #pragma once
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -27,15 +29,25 @@ struct StudyResults {
 
 // Reads every finished arm's summary.json, metrics.jsonl and config.toml and
 // writes study.json, arms.json and curves.json under `results_dir`.
-void collect_results(const StudyPlan& plan, const std::string& results_dir, double wall_seconds);
+// `wall_seconds` is the whole invocation (data, training, analyses); `phases`
+// its breakdown ({"data", "train", "saturation", "tasks": seconds, "arms":
+// {arm: seconds}, "arms_skipped": n}).
+void collect_results(const StudyPlan& plan, const std::string& results_dir, double wall_seconds,
+                     const nlohmann::json& phases = nlohmann::json::object());
 
-// Router saturation (overlap of each CPT checkpoint's routing with the final
-// one's, per layer, on the validation sets) → analysis.json.
-void run_analyses(const StudyPlan& plan, const std::string& results_dir);
+// The analyses of the analysis library on the study's checkpoints → analysis.json:
+// router saturation (analysis::saturation_report: overlap of each CPT
+// checkpoint's routing with the final one's, per layer, on D0 and D1) and the
+// zero-shot tasks (analysis::eval_report) on every arm's final checkpoint.
+// Adds "saturation" and "tasks" seconds to `phases`; stops between arms when
+// `stop()` returns true. Per-arm results are cached in <arm>/analysis.json.
+void run_analyses(const StudyPlan& plan, const std::string& results_dir, nlohmann::json& phases,
+                  const std::function<bool()>& stop = nullptr);
 
-// overlap(a, b) = mean over tokens of |I_k^a(x) ∩ I_k^b(x)| / k, for expert
-// choices a_TK and b_TK of the same tokens (SPEC §5, router saturation).
-double routing_overlap(const torch::Tensor& a_TK, const torch::Tensor& b_TK);
+// "data 3 s, training 80 s, router saturation 9 s, task evaluations 12 s".
+std::string phase_summary(const nlohmann::json& phases);
+// "42 s", "7 min 5 s", "1 h 3 min".
+std::string duration_text(double seconds);
 
 // Loads results/*.json; errors name the missing or malformed file.
 StudyResults load_results(const std::string& results_dir);

@@ -18,6 +18,7 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "report/report.h"
+#include "report/report_routing.h"
 #include "report/results.h"
 #include "train/trainer.h"
 
@@ -201,6 +202,28 @@ void prepare_data(const StudyPlan& plan) {
   }
 }
 
+// Each invocation of `moecpt study` on a directory appends its wall time and
+// phase times to <out>/timings.json; the study's time is their sum (a resumed
+// study's report counts every session, not only the last one). Returns the sum:
+// {"wall": s, "data": s, "train": s, "saturation": s, "tasks": s, "routing": s, "sessions": n}.
+json record_session(const fs::path& out, double wall, const json& phases) {
+  const std::string path = (out / "timings.json").string();
+  json all = json::array();
+  if (fs::exists(path)) {
+    all = json::parse(read_file(path), nullptr, false);
+    if (!all.is_array()) all = json::array();
+  }
+  json session = phases;
+  session["wall"] = wall;
+  all.push_back(session);
+  write_file_atomic(path, all.dump(1) + "\n");
+  json sum = {{"sessions", all.size()}};
+  for (const auto& s : all)
+    for (const char* k : {"wall", "data", "train", "saturation", "tasks", "routing"})
+      if (s.contains(k) && s[k].is_number()) sum[k] = sum.value(k, 0.0) + s[k].get<double>();
+  return sum;
+}
+
 }  // namespace
 
 void request_study_stop() {
@@ -222,13 +245,13 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
     throw Error(recipe_path + ":" + std::to_string(e.source().begin.line) + ": invalid TOML: " +
                 std::string(e.description()));
   }
-  r.only(r.root, "", {"study", "models", "all", "pt", "cpt", "full"});
+  r.only(r.root, "", {"study", "models", "all", "quick", "pt", "cpt", "full"});
   const fs::path here = fs::path(recipe_path).parent_path();
   auto rel = [&](const std::string& p) { return (here / p).lexically_normal().string(); };
 
   const toml::table& st = *r.table("study", true);
   r.only(st, "study", {"name", "data", "old", "new", "validation", "replay_fraction", "tie_nats", "tie_mri",
-                       "saturation_batches"});
+                       "saturation_batches", "tasks", "task_items"});
   plan.name = r.str(st, "study", "name");
   plan.data_config = rel(r.str(st, "study", "data"));
   plan.old_data = r.str(st, "study", "old");
@@ -242,6 +265,29 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
   plan.tie_nats = r.number(st, "study", "tie_nats", 0.02, 0, 10);
   plan.tie_mri = r.number(st, "study", "tie_mri", 0.02, 0, 1);
   plan.saturation_batches = r.integer(st, "study", "saturation_batches", 4, 1);
+  for (const auto& t : r.strings(st, "study", "tasks")) {
+    plan.tasks.push_back(rel(t));
+    if (!fs::exists(plan.tasks.back())) r.fail("study.tasks", "task file " + plan.tasks.back() + " not found");
+  }
+  plan.task_items = r.integer(st, "study", "task_items", 0, 0);
+
+  // --quick: the same arms, smaller (a smoke test of the whole pipeline, not of the findings).
+  std::vector<std::string> quick_sets;
+  if (const auto* q = r.table("quick", false)) {
+    r.only(*q, "quick", {"set", "task_items", "saturation_batches", "tasks"});
+    if (quick) {
+      quick_sets = r.strings(*q, "quick", "set");
+      if (q->get("tasks")) {
+        plan.tasks.clear();
+        for (const auto& t : r.strings(*q, "quick", "tasks")) {
+          plan.tasks.push_back(rel(t));
+          if (!fs::exists(plan.tasks.back())) r.fail("quick.tasks", "task file " + plan.tasks.back() + " not found");
+        }
+      }
+      plan.task_items = r.integer(*q, "quick", "task_items", plan.task_items, 0);
+      plan.saturation_batches = r.integer(*q, "quick", "saturation_batches", plan.saturation_batches, 1);
+    }
+  }
 
   // Models, in recipe order.
   std::vector<std::pair<std::string, std::string>> models;
@@ -274,8 +320,11 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
       p.steps = quick ? q : full;
     }
     p.evals = r.integer(t, key, "evals", 0, 0);
-    if (quick) p.evals = std::min<int64_t>(p.evals, 3);  // a smoke test: few validation passes
     p.checkpoints = r.integer(t, key, "checkpoints", 0, 0);
+    if (quick) {  // a smoke test: few validation passes and checkpoints (each costs a fixed time)
+      p.evals = std::min<int64_t>(p.evals, 2);
+      p.checkpoints = std::min<int64_t>(p.checkpoints, 2);
+    }
     p.sets = r.strings(t, key, "set");
     return p;
   };
@@ -314,6 +363,7 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
     sets.push_back("data.replay=[]");
     sets.push_back("data.replay_fraction=0.0");
     sets.push_back("train.init_from=\"\"");
+    append(sets, quick_sets);
     a.config = load_config(path, sets);
     a.schedule = a.config.schedule.type;
     pt_schedule[m] = a.schedule;
@@ -364,6 +414,7 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
         sets.push_back("data.replay_fraction=" + toml_number(replay));
         sets.push_back("train.init_from=" +
                        quoted((fs::path(arm_dir(a.parent)) / "checkpoints" / a.parent_checkpoint).string()));
+        append(sets, quick_sets);
         a.config = load_config(path, sets);
         plan.arms.push_back(std::move(a));
       }
@@ -393,6 +444,7 @@ StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir,
       sets.push_back("data.replay=[]");
       sets.push_back("data.replay_fraction=0.0");
       sets.push_back("train.init_from=\"\"");
+      append(sets, quick_sets);
       a.config = load_config(path, sets);
       a.schedule = a.config.schedule.type;
       plan.arms.push_back(std::move(a));
@@ -419,7 +471,19 @@ bool run_study(const StudyPlan& plan, const StudyOptions& opts) {
   }
   write_file_atomic(marker, json{{"name", plan.name}, {"recipe", plan.recipe_path}, {"quick", plan.quick}}.dump(2) + "\n");
 
-  if (opts.prepare_data) prepare_data(plan);
+  // Wall time of each phase of this invocation (results/study.json "phases").
+  json phases = json::object();
+  auto timed = [&](const std::string& phase, auto&& fn) {
+    const auto p0 = std::chrono::steady_clock::now();
+    fn();
+    const double secs = seconds_since(p0);
+    phases[phase] = phases.value(phase, 0.0) + secs;
+    return secs;
+  };
+  if (opts.prepare_data) {
+    const double secs = timed("data", [&] { prepare_data(plan); });
+    if (secs >= 1) log::info("study: data ready (" + duration(secs) + ")");
+  }
 
   // Arms already on disk must have been started with the config the recipe gives now.
   for (const auto& a : plan.arms) {
@@ -456,13 +520,14 @@ bool run_study(const StudyPlan& plan, const StudyOptions& opts) {
   };
 
   const size_t n = plan.arms.size();
-  size_t done = 0;
+  size_t done = 0, skipped = 0;
+  json arm_seconds = json::object();  // wall time of each arm trained in this invocation (setup included)
   for (size_t i = 0; i < n; ++i) {
     const auto& a = plan.arms[i];
     char head[64];
     std::snprintf(head, sizeof head, "study: arm %zu/%zu ", i + 1, n);
     if (finished(a)) {
-      ++done;
+      ++done, ++skipped;
       log::info(head + a.name + ": finished earlier (" + a.config.run.out_dir + "), skipped");
       continue;
     }
@@ -480,24 +545,52 @@ bool run_study(const StudyPlan& plan, const StudyOptions& opts) {
               duration(seconds_since(t0)) + (e >= 0 ? ", study ETA " + duration(e) : ""));
     TrainOptions topts;
     topts.resume = resume;
-    const auto s = train(a.config, topts);
+    PhaseSummary s;
+    const double secs = timed("train", [&] { s = train(a.config, topts); });
+    arm_seconds[a.name] = secs;
     if (s.steps < a.config.train.steps || g_stop) {
       log::info("study: interrupted in arm '" + a.name + "' at step " + std::to_string(s.steps) +
                 "; run the same command again to resume");
+      record_session(out, seconds_since(t0), phases);
       return false;
     }
     drop_optimizer_state(a.config.run.out_dir);
     note_speed(a);
     ++done;
+    char msg[96];  // the arm's whole time: setup, steps, validation passes, checkpoints
+    std::snprintf(msg, sizeof msg, ": %lld steps in %.1f s", (long long)s.steps, secs);
+    log::info(head + a.name + msg);
   }
   log::info("study: all " + std::to_string(n) + " arms trained (" + duration(seconds_since(t0)) + ")");
 
   const std::string results_dir = (out / "results").string();
-  collect_results(plan, results_dir, seconds_since(t0));
-  if (opts.analyses) run_analyses(plan, results_dir);
+  fs::create_directories(results_dir);
+  if (opts.analyses) run_analyses(plan, results_dir, phases, [] { return g_stop.load(); });
+  phases["arms"] = arm_seconds;
+  phases["arms_trained"] = done - skipped;
+  if (g_stop) {
+    log::info("study: interrupted during the analyses; run the same command again to finish them");
+    record_session(out, seconds_since(t0), phases);
+    return false;
+  }
+  if (opts.analyses) {
+    const double secs = timed("routing", [&] { save_routing_diagnostics(plan, results_dir); });  // analysis.json "routing" (report_routing.h)
+    log::info("study: routing diagnostics (" + duration_text(secs) + ")");
+  }
+  // The report's own time is negligible (milliseconds); the wall time saved
+  // covers everything before it: data, training and analyses, summed over
+  // every session of this study directory.
+  const double wall = seconds_since(t0);
+  const json total = record_session(out, wall, phases);
+  json saved = total;
+  saved["this_session"] = phases;
+  saved["this_session"]["wall"] = wall;
+  collect_results(plan, results_dir, total.value("wall", wall), saved);
   const auto res = load_results(results_dir);
   write_file_atomic((out / "report.html").string(), render_report(res));
-  log::info("study: report written to " + (out / "report.html").string() + " (" + duration(seconds_since(t0)) + ")");
+  log::info("study: report written to " + (out / "report.html").string() + " — this session " + duration_text(wall) +
+            " (" + phase_summary(phases) + "); whole study " + duration_text(total.value("wall", wall)) + " in " +
+            std::to_string(total.value("sessions", 1)) + " session(s)");
   print_findings(res);
   return true;
 }

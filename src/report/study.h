@@ -37,22 +37,27 @@ struct StudyPlan {
   double tie_nats = 0.02;            // loss differences below this are called ties
   double tie_mri = 0.02;             // MRI differences below this are called ties
   int64_t saturation_batches = 4;    // validation batches per dataset for the routing analyses
+  std::vector<std::string> tasks;    // zero-shot task files (JSONL) scored on every arm's final checkpoint
+  int64_t task_items = 0;            // items scored per task file (0 = all): the first N lines
   std::vector<StudyArm> arms;        // in training order: PT, then CPT, then full re-training
   std::string recipe_text;
 };
 
-// Reads a study recipe. Paths inside it (models, data) are relative to the
-// recipe file. `quick` uses the recipe's quick_steps. Throws moecpt::Error
-// naming the file and key on any problem.
+// Reads a study recipe. Paths inside it (models, data, tasks) are relative to
+// the recipe file. `quick` uses the recipe's quick_steps and its [quick] block
+// (train overrides such as a smaller batch, fewer task items and saturation
+// batches). Throws moecpt::Error naming the file and key on any problem.
 StudyPlan plan_study(const std::string& recipe_path, const std::string& out_dir, bool quick);
 
 struct StudyOptions {
   bool prepare_data = true;   // train the tokenizer / prepare shards when missing
-  bool analyses = true;       // routing analyses of the checkpoints after training
+  bool analyses = true;       // routing analyses and task evaluations of the checkpoints after training
 };
 
-// Trains every unfinished arm, then writes <out>/results/*.json and
-// <out>/report.html. Returns false when interrupted (SIGINT/SIGTERM): the
+// Trains every unfinished arm, runs the analyses, then writes
+// <out>/results/*.json and <out>/report.html. Prints the time of each phase
+// (data, each arm, saturation, task evaluations, report) as it goes; the
+// totals are saved in results/study.json ("phases") and shown in the report. Returns false when interrupted (SIGINT/SIGTERM): the
 // current arm was checkpointed and a re-run resumes it.
 bool run_study(const StudyPlan& plan, const StudyOptions& opts = {});
 
