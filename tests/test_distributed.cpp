@@ -28,6 +28,7 @@
 #include "model/moe_expert_parallel.h"
 #include "model/router_topk.h"
 #include "train/distributed.h"
+#include "test_shards.h"
 #include "test_util.h"
 
 namespace moecpt {
@@ -36,20 +37,7 @@ namespace {
 using nlohmann::json;
 
 // Two learnable "domains": d0 counts up by 1, d1 by 3 (mod 60).
-void write_domain(const std::string& dir, uint32_t step) {
-  std::filesystem::create_directories(dir);
-  for (const char* split : {"train", "val"}) {
-    std::vector<uint32_t> toks;
-    std::vector<uint64_t> offs = {0};
-    for (int doc = 0; doc < 40; ++doc) {
-      uint32_t t = uint32_t(doc * 7 % 60) + 2;
-      for (int i = 0; i < 60; ++i) toks.push_back(2 + (t - 2 + step * uint32_t(i)) % 60);
-      toks.push_back(1);
-      offs.push_back(toks.size());
-    }
-    write_shard(dir + "/" + split + ".bin", toks, offs, 64);
-  }
-}
+void write_domain(const std::string& dir, uint32_t step) { testing::write_domain(dir, step, 40); }
 
 struct Fixture {
   testing::TempDir dir;

@@ -13,6 +13,7 @@
 #include "data/shard.h"
 #include "report/report.h"
 #include "report/report_routing.h"
+#include "test_shards.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -224,20 +225,7 @@ TEST(ReportRouting, SectionRendersFromTheSavedResults) {
 
 // --- the study's saving step on tiny trained checkpoints -----------------------------
 
-void write_domain(const std::string& dir, uint32_t step) {
-  std::filesystem::create_directories(dir);
-  for (const char* split : {"train", "val"}) {
-    std::vector<uint32_t> toks;
-    std::vector<uint64_t> offs = {0};
-    for (int doc = 0; doc < 12; ++doc) {
-      uint32_t t = uint32_t(doc * 7 % 60) + 2;
-      for (int i = 0; i < 60; ++i) toks.push_back(2 + (t - 2 + step * uint32_t(i)) % 60);
-      toks.push_back(1);
-      offs.push_back(toks.size());
-    }
-    write_shard(dir + "/" + split + ".bin", toks, offs, 64);
-  }
-}
+void write_domain(const std::string& dir, uint32_t step) { testing::write_domain(dir, step, 12); }
 
 TEST(ReportRouting, StudySavesDiagnosticsForCptArmsAndRendersThem) {
   testing::TempDir dir;
