@@ -39,6 +39,7 @@
 #include "model/grouped_gemm.h"
 #include "model/moe.h"
 #include "model/transformer.h"
+#include "train/op_profile.h"
 #include "train/optimizer.h"
 
 namespace moecpt::cli {
@@ -58,6 +59,8 @@ struct BenchOptions {
   std::string dtype;   // "" = the config's run.dtype
   double peak_tflops = 0;
   bool json = false;
+  int64_t profile = 0;
+  int64_t blas_threads = 1;  // > 0: profile one extra step and show this many ops
   bool unfused_head = false;  // logits + cross_entropy instead of the fused op
   std::string expert_gemm;    // "" = MOECPT_EXPERT_GEMM or auto (model/grouped_gemm.h)
 };
@@ -174,7 +177,7 @@ void run_bench_train(const BenchOptions& o) {
                       : cfg.run.threads > 0 ? int(cfg.run.threads)
                                             : int(std::max(1u, std::thread::hardware_concurrency()));
   torch::set_num_threads(threads);
-  compat::set_blas_threads(1);
+  compat::set_blas_threads(int(o.blas_threads));
   if (!o.expert_gemm.empty()) model::set_expert_gemm_mode(model::parse_expert_gemm(o.expert_gemm));
 
   const int64_t B = o.batch > 0 ? o.batch : cfg.train.batch_size, T = mc.seq_len;
@@ -233,6 +236,18 @@ void run_bench_train(const BenchOptions& o) {
     cpu_s.push_back(double(std::clock() - c0) / CLOCKS_PER_SEC);
   }
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
+  // --profile N: one more step, untimed, under the op profiler (its own
+  // overhead makes the step slower; read the shares, not the absolute sum).
+  std::vector<train::OpStat> ops;
+  double profiled_us = 0;
+  if (o.profile > 0) {
+    const auto t0 = std::chrono::steady_clock::now();
+    ops = train::profile_ops([&] {
+      step();
+      sync(dev);
+    });
+    profiled_us = 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
   const double final_loss = loss.item<double>();
   const auto calls_after = model::expert_gemm_calls();
   const int64_t grouped_calls = calls_after.grouped - calls_before.grouped;
@@ -305,6 +320,13 @@ void run_bench_train(const BenchOptions& o) {
       {"torch_version", TORCH_VERSION},
       {"final_loss", final_loss},
   };
+  if (o.profile > 0) {
+    nlohmann::json rows = nlohmann::json::array();
+    for (size_t i = 0; i < ops.size() && i < size_t(o.profile); ++i)
+      rows.push_back({{"op", ops[i].name}, {"calls", ops[i].calls}, {"self_ms", ops[i].self_us / 1e3},
+                      {"total_ms", ops[i].total_us / 1e3}});
+    j["profile"] = {{"profiled_step_ms", profiled_us / 1e3}, {"ops", rows}};
+  }
   if (o.json) {
     std::cout << j.dump(2) << "\n";
     return;
@@ -334,6 +356,10 @@ void run_bench_train(const BenchOptions& o) {
                 model::expert_gemm_name(model::expert_gemm_mode()), TORCH_VERSION);
   if (gpu_mib >= 0) std::printf("  GPU memory in use after the steps: %.0f MiB\n", gpu_mib);
   std::printf("  peak RSS: %.0f MiB; final loss %.4f\n", peak_rss_mib(), final_loss);
+  if (o.profile > 0) {
+    std::printf("  profile of one extra step (%.1f ms with the profiler on; self%% of that):\n", profiled_us / 1e3);
+    std::fputs(train::format_op_table(ops, profiled_us, size_t(o.profile)).c_str(), stdout);
+  }
 }
 
 // `moecpt bench moe-layer`: one MoE layer of a config (router + dispatch +
@@ -487,6 +513,10 @@ void register_bench_commands(CLI::App& app) {
                     "default MOECPT_EXPERT_GEMM or auto")
       ->check(CLI::IsMember({"auto", "grouped", "loop"}));
   train->add_flag("--json", o->json, "print one JSON object");
+  train->add_option("--blas-threads", o->blas_threads, "OpenBLAS threads under the matmuls (default 1)");
+  train->add_option("--profile", o->profile,
+                    "after the timed steps, profile one more step and list the N ops with most self CPU time "
+                    "(MoE phases appear as moe.router, moe.dispatch, moe.experts, moe.combine, moe.shared)");
   train->callback([o] { run_bench_train(*o); });
 
   auto lo = std::make_shared<MoeLayerOptions>();

@@ -1,0 +1,83 @@
+#include "train/op_profile.h"
+
+#include <torch/csrc/autograd/profiler_legacy.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+
+#include "core/error.h"
+#include "core/pch.h"
+
+namespace moecpt::train {
+
+namespace {
+namespace prof = torch::autograd::profiler;
+using torch::profiler::impl::ProfilerConfig;
+using torch::profiler::impl::ProfilerState;
+
+struct Open {
+  const prof::LegacyEvent* push;
+  double child_us = 0;
+};
+
+// One thread's push/pop events → per-name calls, self and total time. Pops
+// close the innermost open range (RecordFunction ranges nest per thread).
+void aggregate(const std::vector<prof::LegacyEvent>& events, std::map<std::string, OpStat>& by_name) {
+  std::vector<Open> stack;
+  std::map<std::string, int> open_count;  // recursion guard for total time
+  for (const auto& ev : events) {
+    if (ev.kind() == prof::EventKind::PushRange) {
+      stack.push_back({&ev});
+      ++open_count[ev.name()];
+    } else if (ev.kind() == prof::EventKind::PopRange) {
+      if (stack.empty()) continue;  // a range opened before the profiler started
+      Open o = stack.back();
+      stack.pop_back();
+      const double dur = o.push->cpuElapsedUs(ev);
+      auto& s = by_name[o.push->name()];
+      s.name = o.push->name();
+      ++s.calls;
+      s.self_us += dur - o.child_us;
+      if (--open_count[s.name] == 0) s.total_us += dur;
+      if (!stack.empty()) stack.back().child_us += dur;
+    }
+  }
+}
+}  // namespace
+
+std::vector<OpStat> profile_ops(const std::function<void()>& fn) {
+  if (prof::profilerEnabled()) throw Error("profile_ops: a profiler is already running");
+  prof::enableProfilerLegacy(ProfilerConfig(ProfilerState::CPU));
+  prof::thread_event_lists lists;
+  try {
+    fn();
+  } catch (...) {
+    prof::disableProfilerLegacy();
+    throw;
+  }
+  lists = prof::disableProfilerLegacy();
+  std::map<std::string, OpStat> by_name;
+  for (const auto& l : lists) aggregate(l, by_name);
+  std::vector<OpStat> out;
+  for (auto& [_, s] : by_name) out.push_back(s);
+  std::sort(out.begin(), out.end(), [](const OpStat& a, const OpStat& b) { return a.self_us > b.self_us; });
+  return out;
+}
+
+std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit) {
+  std::string s;
+  char line[256];
+  std::snprintf(line, sizeof line, "  %-42s %7s %10s %6s %10s\n", "op (by self CPU time)", "calls", "self ms", "self%",
+                "total ms");
+  s += line;
+  for (size_t i = 0; i < ops.size() && i < limit; ++i) {
+    const auto& o = ops[i];
+    std::snprintf(line, sizeof line, "  %-42.42s %7lld %10.2f %5.1f%% %10.2f\n", o.name.c_str(), (long long)o.calls,
+                  o.self_us / 1e3, wall_us > 0 ? 100.0 * o.self_us / wall_us : 0.0, o.total_us / 1e3);
+    s += line;
+  }
+  return s;
+}
+
+}  // namespace moecpt::train
