@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "model/fused_runtime.h"  // torch_compat.h + autocast_enabled
+#include "model/expert_ffn.h"
 #include "model/grouped_gemm.h"
 #include "model/moe_expert_parallel.h"
 
@@ -13,7 +14,7 @@ namespace moecpt::model {
 GroupedExpertsImpl::GroupedExpertsImpl(int64_t n_experts, int64_t d_model, int64_t hidden,
                                        const std::string& activation, double init_std,
                                        double out_std)
-    : act_(activation_by_name(activation)) {
+    : act_(activation_by_name(activation)), act_kind_(gated_activation_by_name(activation)) {
   w1_EDH = register_parameter("w1", torch::randn({n_experts, d_model, hidden}) * init_std);
   w3_EDH = register_parameter("w3", torch::randn({n_experts, d_model, hidden}) * init_std);
   w2_EHD = register_parameter("w2", torch::randn({n_experts, hidden, d_model}) * out_std);
@@ -95,27 +96,14 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
 #endif
   }
   ++g_loop_calls;
-  // Loop: one host copy of the E group sizes per layer (not one sync per
-  // expert), then a plain mm per non-empty group on zero-copy slices. unbind()
-  // (not w[e]) keeps the backward to a single stack of the expert gradients
-  // instead of E full-size zero tensors.
+  // Loop (model/expert_ffn.h): one host copy of the E group sizes per layer
+  // (not one sync per expert), then two mm per non-empty expert forward and
+  // four backward, inside one autograd Function. Its mm_out calls are not
+  // autocast ops, so the autocast cast happens here, visible to autograd.
   auto counts_E = tokens_per_expert_E.to(torch::kCPU);
-  const auto* counts = counts_E.data_ptr<int64_t>();
-  auto w1 = w1_EDH.unbind(0), w3 = w3_EDH.unbind(0), w2 = w2_EHD.unbind(0);
-
-  std::vector<torch::Tensor> y_parts;
-  int64_t offset = 0;
-  for (int64_t e = 0; e < counts_E.size(0); ++e) {
-    if (counts[e] == 0) continue;
-    auto x_nD = x_SD.narrow(0, offset, counts[e]);
-    y_parts.push_back(torch::mm(act_(torch::mm(x_nD, w1[e])) * torch::mm(x_nD, w3[e]), w2[e]));
-    offset += counts[e];
-  }
-  if (offset != x_SD.size(0)) {
-    throw Error("moe: tokens_per_expert sums to " + std::to_string(offset) + " but " +
-                std::to_string(x_SD.size(0)) + " slots were dispatched");
-  }
-  return torch::cat(y_parts, 0);
+  const auto dt = compat::autocast_enabled(x_SD.device()) ? torch::kBFloat16 : x_SD.scalar_type();
+  compat::NoAutocast no_autocast;
+  return expert_ffn_loop(x_SD.to(dt), w1_EDH.to(dt), w3_EDH.to(dt), w2_EHD.to(dt), counts_E, act_kind_);
 }
 
 MoEImpl::MoEImpl(const ModelConfig& mc, const RouterConfig& rc, double out_std) {
@@ -140,28 +128,48 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   auto x_TD = x_BTD.reshape({-1, D});
   const int64_t K = router->top_k();
 
+  // Each phase is a profiler user scope (train/op_profile.h; free when no
+  // profiler runs): `moecpt bench train --profile` shows where a step goes.
   // 1.
   MoEOutput out;
-  out.routing = router->route(x_TD);
+  {
+    RECORD_USER_SCOPE("moe.router");
+    out.routing = router->route(x_TD);
+  }
   const auto& r = out.routing;
 
   // 2. Slot s = t·K + j holds token t's j-th choice; a stable sort groups by expert.
-  auto ids_S = r.topk_ids_TK.reshape({-1});
-  auto order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
-  auto token_idx_S = order_S.div(K, "floor");
-  auto x_SD = x_TD.index_select(0, token_idx_S);
+  torch::Tensor order_S, token_idx_S, x_SD;
+  {
+    RECORD_USER_SCOPE("moe.dispatch");
+    auto ids_S = r.topk_ids_TK.reshape({-1});
+    order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
+    token_idx_S = order_S.div(K, "floor");
+    x_SD = x_TD.index_select(0, token_idx_S);
+  }
 
   // 3. (expert parallel: on the experts' ranks, model/moe_expert_parallel.h)
-  auto y_SD = expert_parallel ? expert_parallel->run(*experts, x_SD, r.tokens_per_expert_E)
-                              : experts(x_SD, r.tokens_per_expert_E);
+  torch::Tensor y_SD;
+  {
+    RECORD_USER_SCOPE("moe.experts");
+    y_SD = expert_parallel ? expert_parallel->run(*experts, x_SD, r.tokens_per_expert_E)
+                           : experts(x_SD, r.tokens_per_expert_E);
+  }
 
   // 4.
-  auto gates_S = r.gates_TK.reshape({-1}).index_select(0, order_S).to(y_SD.scalar_type());
-  auto y_TD = torch::zeros({x_TD.size(0), D}, y_SD.options())
-                  .index_add(0, token_idx_S, y_SD * gates_S.unsqueeze(1));
+  torch::Tensor y_TD;
+  {
+    RECORD_USER_SCOPE("moe.combine");
+    auto gates_S = r.gates_TK.reshape({-1}).index_select(0, order_S).to(y_SD.scalar_type());
+    y_TD = torch::zeros({x_TD.size(0), D}, y_SD.options())
+               .index_add(0, token_idx_S, y_SD * gates_S.unsqueeze(1));
+  }
 
   // 5.
-  if (shared) y_TD = y_TD + shared(x_TD);
+  if (shared) {
+    RECORD_USER_SCOPE("moe.shared");
+    y_TD = y_TD + shared(x_TD);
+  }
 
   out.y_BTD = y_TD.view(x_BTD.sizes());
   return out;

@@ -7,6 +7,7 @@
 #pragma once
 #include "core/config.h"
 #include "core/pch.h"
+#include "model/expert_ffn.h"
 #include "model/mlp.h"
 #include "model/router.h"
 
@@ -27,7 +28,8 @@ class GroupedExpertsImpl : public torch::nn::Module {
   torch::Tensor w1_EDH, w3_EDH, w2_EHD;
 
  private:
-  Activation act_;
+  Activation act_;             // the grouped path's
+  GatedActivation act_kind_;  // the loop's (model/expert_ffn.h)
 };
 TORCH_MODULE(GroupedExperts);
 
