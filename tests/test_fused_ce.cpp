@@ -27,14 +27,20 @@ TEST(FusedLinearCrossEntropy, LossAndGradientsEqualUnfusedForEveryChunking) {
   auto xr = x0.clone().requires_grad_(), wr = w0.clone().requires_grad_();
   auto ref = reference_ce(xr, wr, t);
   ref.backward();
-  for (int64_t chunk : {1, 5, 16, 37, 100, 0}) {
-    auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
-    auto loss = fused_linear_cross_entropy(x, w, t, chunk);
-    EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-12) << "chunk " << chunk;
-    (2.5 * loss).backward();  // the incoming gradient scales both
-    EXPECT_TRUE(torch::allclose(x.grad(), 2.5 * xr.grad(), 1e-12, 1e-12)) << "chunk " << chunk;
-    EXPECT_TRUE(torch::allclose(w.grad(), 2.5 * wr.grad(), 1e-12, 1e-12)) << "chunk " << chunk;
-  }
+  // 1 thread: chunks in order; 2 and 3: chunks split over threads, each with
+  // its own loss and dL/dW (summed after), including more threads than chunks.
+  const int threads_before = torch::get_num_threads();
+  for (int threads : {1, 2, 3})
+    for (int64_t chunk : {1, 5, 16, 37, 100, 0}) {
+      torch::set_num_threads(threads);
+      auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+      auto loss = fused_linear_cross_entropy(x, w, t, chunk);
+      EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 1e-12) << "chunk " << chunk << " threads " << threads;
+      (2.5 * loss).backward();  // the incoming gradient scales both
+      EXPECT_TRUE(torch::allclose(x.grad(), 2.5 * xr.grad(), 1e-12, 1e-12)) << "chunk " << chunk << " threads " << threads;
+      EXPECT_TRUE(torch::allclose(w.grad(), 2.5 * wr.grad(), 1e-12, 1e-12)) << "chunk " << chunk << " threads " << threads;
+    }
+  torch::set_num_threads(threads_before);
   // Without grad mode: the same loss, no graph.
   torch::NoGradGuard no_grad;
   auto loss = fused_linear_cross_entropy(x0, w0, t, 7);

@@ -22,34 +22,64 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
     const auto x = x_ND.to(mm_dtype), w = w_VD.to(mm_dtype);
     const bool need_grad = ctx != nullptr && (x_ND.requires_grad() || w_VD.requires_grad());
 
-    torch::Tensor grad_x, grad_w;
-    if (need_grad) {
-      grad_x = torch::empty({N, x_ND.size(1)}, x_ND.options().dtype(acc));
-      grad_w = torch::zeros({V, w_VD.size(1)}, w_VD.options().dtype(acc));
+    const int64_t n_chunks = (N + chunk_rows - 1) / chunk_rows;
+    // Chunks run in parallel on ATen's intra-op threads, each with its own
+    // single-threaded matmuls (the CPU policy of model/fused_runtime.h: one
+    // BLAS thread), loss and dL/dW accumulator, summed at the end: on 2 vCPUs
+    // thin [rows, D] × [D, V] matmuls scale better this way than inside BLAS.
+    // On a GPU, or inside another parallel region, one thread runs them all.
+    const int64_t n_threads =
+        x.is_cpu() && !at::in_parallel_region() ? std::min<int64_t>(at::get_num_threads(), n_chunks) : 1;
+    torch::Tensor grad_x;
+    std::vector<torch::Tensor> grad_w(static_cast<size_t>(n_threads)), loss_sum(static_cast<size_t>(n_threads));
+    if (need_grad) grad_x = torch::empty({N, x_ND.size(1)}, x_ND.options().dtype(acc));
+    for (int64_t t = 0; t < n_threads; ++t) {
+      loss_sum[t] = torch::zeros({}, x_ND.options().dtype(acc));
+      if (need_grad) grad_w[t] = torch::zeros({V, w_VD.size(1)}, w_VD.options().dtype(acc));
     }
-    auto loss_sum = torch::zeros({}, x_ND.options().dtype(acc));
     const double inv_n = 1.0 / double(N);
-    for (int64_t start = 0; start < N; start += chunk_rows) {
-      const int64_t n = std::min(chunk_rows, N - start);
+    auto run_chunk = [&](int64_t chunk, int64_t t) {
+      const int64_t start = chunk * chunk_rows, n = std::min(chunk_rows, N - start);
       auto x_c = x.narrow(0, start, n);
       auto t_c = targets_N.narrow(0, start, n).unsqueeze(1);
       auto logits = torch::mm(x_c, w.t()).to(acc);  // [n, V]
-      auto lse = logits.logsumexp(1, /*keepdim=*/true);
-      loss_sum += (lse - logits.gather(1, t_c)).sum();
-      if (!need_grad) continue;
+      // lse = m + log Σ exp(logits − m), with the exponentials kept: they are
+      // the softmax numerators of the gradient (one exp pass, not two).
+      auto m = std::get<0>(logits.max(1, /*keepdim=*/true));
+      auto target_logit = logits.gather(1, t_c);
+      logits.sub_(m).exp_();
+      auto sum = logits.sum(1, /*keepdim=*/true);
+      auto lse = m + sum.log();
+      loss_sum[t] += (lse - target_logit).sum();
+      if (!need_grad) return;
       // logits becomes (softmax − onehot) / N in place: the gradient of the chunk's logits.
-      logits.sub_(lse).exp_();
-      logits.scatter_add_(1, t_c, torch::full({n, 1}, -1.0, logits.options()));
-      logits.mul_(inv_n);
+      logits.mul_(sum.reciprocal_().mul_(inv_n));
+      logits.scatter_add_(1, t_c, torch::full({n, 1}, -inv_n, logits.options()));
       auto g = logits.to(mm_dtype);
-      grad_x.narrow(0, start, n).copy_(torch::mm(g, w));
-      if (low_precision)
-        grad_w.add_(torch::mm(g.t(), x_c));
-      else
-        grad_w.addmm_(g.t(), x_c);
+      auto gx = grad_x.narrow(0, start, n);
+      if (low_precision) {  // bf16 products, fp32 accumulators
+        gx.copy_(torch::mm(g, w));
+        grad_w[t].add_(torch::mm(g.t(), x_c));
+      } else {
+        at::mm_out(gx, g, w);
+        grad_w[t].addmm_(g.t(), x_c);
+      }
+    };
+    if (n_threads == 1) {
+      for (int64_t c = 0; c < n_chunks; ++c) run_chunk(c, 0);
+    } else {
+      // Thread t takes the chunks [t·n/T, (t+1)·n/T): contiguous, balanced to one chunk.
+      at::parallel_for(0, n_threads, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t)
+          for (int64_t c = t * n_chunks / n_threads; c < (t + 1) * n_chunks / n_threads; ++c) run_chunk(c, t);
+      });
     }
-    if (need_grad) ctx->save_for_backward({grad_x.to(x_ND.scalar_type()), grad_w.to(w_VD.scalar_type())});
-    return loss_sum * inv_n;
+    for (int64_t t = 1; t < n_threads; ++t) {
+      loss_sum[0] += loss_sum[t];
+      if (need_grad) grad_w[0] += grad_w[t];
+    }
+    if (need_grad) ctx->save_for_backward({grad_x.to(x_ND.scalar_type()), grad_w[0].to(w_VD.scalar_type())});
+    return loss_sum[0] * inv_n;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
