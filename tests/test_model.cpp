@@ -143,54 +143,86 @@ TEST(ModelMoE, GradientsMatchFiniteDifferences) {
 // model/expert_ffn.h's hand-written backward against autograd through the
 // textbook formula (separate mm per projection and expert, torch::gelu/silu),
 // in double: outputs and all gradients, with empty groups at the start, middle
-// and end; then finite differences of the Function itself.
+// and end, on 1 thread, with whole experts split over 2 threads, and with one
+// expert's rows split over 2 and 3 threads (per-thread dL/dW summed); then
+// finite differences of the Function itself.
 TEST(ModelMoE, ExpertFfnLoopMatchesAutogradReference) {
-  torch::manual_seed(21);
-  const int64_t E = 5, D = 6, H = 7;
-  const std::vector<int64_t> sizes{0, 4, 0, 9, 0};
-  const int64_t S = 13;
-  auto counts = torch::tensor(sizes, torch::kInt64);
-  auto opts = torch::dtype(torch::kFloat64);
-  auto x = torch::randn({S, D}, opts).requires_grad_(true);
-  auto w1 = (0.5 * torch::randn({E, D, H}, opts)).requires_grad_(true);
-  auto w3 = (0.5 * torch::randn({E, D, H}, opts)).requires_grad_(true);
-  auto w2 = (0.5 * torch::randn({E, H, D}, opts)).requires_grad_(true);
-  auto R = torch::randn({S, D}, opts);
-  const std::vector<torch::Tensor> wrt{x, w1, w3, w2};
+  struct Case {
+    std::vector<int64_t> sizes;
+    int threads;
+  };
+  const std::vector<Case> cases{{{0, 4, 0, 9, 0}, 1}, {{0, 40, 0, 50, 0}, 2}, {{90}, 2}, {{97}, 3}, {{0, 70, 30}, 3}};
   const int threads_before = torch::get_num_threads();
-  for (const std::string name : {"geglu", "swiglu"}) {
-    SCOPED_TRACE(name);
-    // 2 threads: the experts split over threads (model/expert_ffn.cpp); checked
-    // against the reference below, as is the 1-thread run of the FD check.
-    torch::set_num_threads(2);
-    auto y = expert_ffn_loop(x, w1, w3, w2, counts, gated_activation_by_name(name));
-    auto g = torch::autograd::grad({(y * R).sum()}, wrt);
-    torch::set_num_threads(1);
-    std::vector<torch::Tensor> rows;
-    int64_t o = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      auto xe = x.narrow(0, o, sizes[e]);
-      rows.push_back(torch::mm(act(name, torch::mm(xe, w1[e])) * torch::mm(xe, w3[e]), w2[e]));
-      o += sizes[e];
+  auto opts = torch::dtype(torch::kFloat64);
+  const int64_t D = 6, H = 7;
+  for (const auto& c : cases) {
+    const int64_t E = int64_t(c.sizes.size());
+    int64_t S = 0;
+    for (auto n : c.sizes) S += n;
+    SCOPED_TRACE("E=" + std::to_string(E) + " S=" + std::to_string(S) + " threads=" + std::to_string(c.threads));
+    torch::manual_seed(21);
+    auto counts = torch::tensor(c.sizes, torch::kInt64);
+    auto x = torch::randn({S, D}, opts).requires_grad_(true);
+    auto w1 = (0.5 * torch::randn({E, D, H}, opts)).requires_grad_(true);
+    auto w3 = (0.5 * torch::randn({E, D, H}, opts)).requires_grad_(true);
+    auto w2 = (0.5 * torch::randn({E, H, D}, opts)).requires_grad_(true);
+    auto R = torch::randn({S, D}, opts);
+    const std::vector<torch::Tensor> wrt{x, w1, w3, w2};
+    for (const std::string name : {"geglu", "swiglu"}) {
+      SCOPED_TRACE(name);
+      torch::set_num_threads(c.threads);
+      auto y = expert_ffn_loop(x, w1, w3, w2, counts, gated_activation_by_name(name));
+      auto g = torch::autograd::grad({(y * R).sum()}, wrt);
+      torch::set_num_threads(threads_before);
+      std::vector<torch::Tensor> rows;
+      int64_t o = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        auto xe = x.narrow(0, o, c.sizes[e]);
+        rows.push_back(torch::mm(act(name, torch::mm(xe, w1[e])) * torch::mm(xe, w3[e]), w2[e]));
+        o += c.sizes[e];
+      }
+      auto y_ref = torch::cat(rows, 0);
+      auto g_ref = torch::autograd::grad({(y_ref * R).sum()}, wrt);
+      EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12));
+      for (size_t i = 0; i < wrt.size(); ++i)
+        EXPECT_TRUE(torch::allclose(g[i], g_ref[i], 1e-12, 1e-12)) << "grad " << i;
+      for (int64_t e = 0; e < E; ++e)  // experts without tokens: exactly zero gradients, not garbage
+        if (c.sizes[e] == 0) EXPECT_EQ(g[1][e].abs().max().item<double>() + g[3][e].abs().max().item<double>(), 0.0);
+      if (c.threads != 1) continue;
+      auto f = [&] { return (expert_ffn_loop(x, w1, w3, w2, counts, gated_activation_by_name(name)) * R).sum(); };
+      expect_grad_matches_fd(f, x, {0, 11, 40, 77}, "x");
+      expect_grad_matches_fd(f, w1, {6 * 7 + 3, 3 * 42 + 20}, "w1");
+      expect_grad_matches_fd(f, w3, {42 + 1, 3 * 42 + 41}, "w3");
+      expect_grad_matches_fd(f, w2, {42 + 5, 3 * 42 + 30}, "w2");
     }
-    auto y_ref = torch::cat(rows, 0);
-    auto g_ref = torch::autograd::grad({(y_ref * R).sum()}, wrt);
-    EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12));
-    for (size_t i = 0; i < wrt.size(); ++i) EXPECT_TRUE(torch::allclose(g[i], g_ref[i], 1e-12, 1e-12)) << "grad " << i;
-    // experts 0, 2, 4 got no tokens: exactly zero gradients, not garbage
-    EXPECT_EQ(g[1][0].abs().max().item<double>(), 0.0);
-    EXPECT_EQ(g[3][4].abs().max().item<double>(), 0.0);
-    auto f = [&] { return (expert_ffn_loop(x, w1, w3, w2, counts, gated_activation_by_name(name)) * R).sum(); };
-    expect_grad_matches_fd(f, x, {0, 11, 40, 77}, "x");
-    expect_grad_matches_fd(f, w1, {6 * 7 + 3, 3 * 42 + 20}, "w1");
-    expect_grad_matches_fd(f, w3, {42 + 1, 3 * 42 + 41}, "w3");
-    expect_grad_matches_fd(f, w2, {42 + 5, 3 * 42 + 30}, "w2");
   }
-  torch::set_num_threads(threads_before);
-  EXPECT_THROW(expert_ffn_loop(x, w1, w3, w2, torch::tensor({1, 4, 0, 9, 0}, torch::kInt64),
-                               GatedActivation::kGelu),
+  auto x = torch::randn({13, D}, opts);
+  auto w = torch::randn({5, D, H}, opts), w2 = torch::randn({5, H, D}, opts);
+  EXPECT_THROW(expert_ffn_loop(x, w, w, w2, torch::tensor({1, 4, 0, 9, 0}, torch::kInt64), GatedActivation::kGelu),
                moecpt::Error);  // sizes sum to 14, not 13
   EXPECT_THROW(gated_activation_by_name("relu"), moecpt::Error);
+}
+
+// The dense gated MLP (model/mlp.h, through gated_mlp) equals the textbook
+// Linear formula on a 3-D input, outputs and gradients, rows split over 2 threads.
+TEST(ModelMLP, GatedMlpMatchesLinearFormula) {
+  torch::manual_seed(8);
+  GatedMLP mlp(12, 20, "swiglu", 0.3, 0.2);
+  mlp->to(torch::kFloat64);
+  auto x = torch::randn({3, 40, 12}, torch::kFloat64).requires_grad_(true);
+  auto R = torch::randn({3, 40, 12}, torch::kFloat64);
+  const std::vector<torch::Tensor> wrt{x, mlp->w1->weight, mlp->w3->weight, mlp->w2->weight};
+  const int threads_before = torch::get_num_threads();
+  torch::set_num_threads(2);
+  auto y = mlp(x);
+  auto g = torch::autograd::grad({(y * R).sum()}, wrt);
+  torch::set_num_threads(threads_before);
+  auto y_ref = torch::matmul(torch::silu(torch::matmul(x, mlp->w1->weight.t())) * torch::matmul(x, mlp->w3->weight.t()),
+                             mlp->w2->weight.t());
+  auto g_ref = torch::autograd::grad({(y_ref * R).sum()}, wrt);
+  ASSERT_EQ(y.sizes(), x.sizes());
+  EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12));
+  for (size_t i = 0; i < wrt.size(); ++i) EXPECT_TRUE(torch::allclose(g[i], g_ref[i], 1e-12, 1e-12)) << "grad " << i;
 }
 
 // The grouped expert GEMM (at::_grouped_mm, LibTorch >= 2.8) computes the same

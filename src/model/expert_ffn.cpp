@@ -1,8 +1,10 @@
 #include "model/expert_ffn.h"
 
+#include <algorithm>
 #include <functional>
 
 #include "core/error.h"
+#include "model/fused_runtime.h"  // autocast_enabled, NoAutocast
 
 namespace moecpt::model {
 
@@ -41,31 +43,60 @@ Groups groups_of(const torch::Tensor& counts_E, int64_t rows) {
   return g;
 }
 
-// Runs fn(e) for every expert e. On the CPU with several intra-op threads (and
-// not already inside a parallel region) the experts are split over the threads
-// by rows, each thread running whole experts with single-threaded matmuls (the
-// CPU policy of model/fused_runtime.h: one BLAS thread): expert e goes to the
-// thread whose share of [0, S) holds the middle of e's rows. Elsewhere, in order.
-void for_each_expert(const Groups& g, bool cpu, const std::function<void(int64_t)>& fn) {
+// A slice of one expert's rows, run by one thread.
+struct Item {
+  int64_t e, o, n;  // expert, first row, rows
+};
+
+// How the work is split over T threads: plan[t] = thread t's items.
+//   E >= T: whole experts; expert e goes to the thread whose share of [0, S)
+//           holds the middle of e's rows (dL/dW_e is written by one thread).
+//   E <  T: (the dense FFN and shared experts, E = 1) each expert's rows are
+//           cut into T blocks, block t to thread t; each thread then needs its
+//           own dL/dW accumulator (split = true), summed afterwards.
+// On the CPU with several intra-op threads, not inside a parallel region; each
+// thread runs its items with single-threaded matmuls (the CPU policy of
+// model/fused_runtime.h: one BLAS thread). Elsewhere one thread does all.
+struct Plan {
+  std::vector<std::vector<Item>> per_thread;
+  bool split = false;
+};
+
+Plan plan_work(const Groups& g, bool cpu) {
   const int64_t E = int64_t(g.count.size());
   const int64_t S = E ? g.offset.back() + g.count.back() : 0;
-  const int64_t T = cpu && !at::in_parallel_region() ? std::min<int64_t>(at::get_num_threads(), E) : 1;
-  if (T <= 1 || S == 0) {
-    for (int64_t e = 0; e < E; ++e) fn(e);
-    return;
-  }
-  std::vector<std::vector<int64_t>> mine(static_cast<size_t>(T));
-  for (int64_t e = 0; e < E; ++e) {
-    if (g.count[e] == 0) {
-      fn(e);  // empty expert: a zero fill, cheap
-      continue;
+  int64_t T = cpu && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  T = std::max<int64_t>(1, std::min<int64_t>(T, S / 32));  // no threads for a handful of rows
+  Plan p;
+  p.per_thread.resize(size_t(T));
+  if (T == 1 || E >= T) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (g.count[e] == 0) continue;
+      const int64_t mid2 = 2 * g.offset[e] + g.count[e];  // 2 × the middle row
+      p.per_thread[size_t(T == 1 ? 0 : std::min<int64_t>(T - 1, mid2 * T / (2 * S)))].push_back(
+          {e, g.offset[e], g.count[e]});
     }
-    const int64_t mid2 = 2 * g.offset[e] + g.count[e];  // 2 × the middle row
-    mine[size_t(std::min<int64_t>(T - 1, mid2 * T / (2 * S)))].push_back(e);
+    return p;
+  }
+  p.split = true;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t lo = g.count[e] * t / T, hi = g.count[e] * (t + 1) / T;
+      if (hi > lo) p.per_thread[size_t(t)].push_back({e, g.offset[e] + lo, hi - lo});
+    }
+  return p;
+}
+
+// fn(item, t) for every item, thread t running plan.per_thread[t].
+void run_plan(const Plan& p, const std::function<void(const Item&, int64_t)>& fn) {
+  const int64_t T = int64_t(p.per_thread.size());
+  if (T == 1) {
+    for (const auto& it : p.per_thread[0]) fn(it, 0);
+    return;
   }
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t e : mine[size_t(t)]) fn(e);
+      for (const auto& it : p.per_thread[size_t(t)]) fn(it, t);
   });
 }
 
@@ -107,9 +138,8 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
     auto h13 = torch::empty({S, 2 * H}, x.options());
     auto a = torch::empty({S, H}, x.options());
     auto y = torch::empty({S, D}, x.options());
-    for_each_expert(g, x.is_cpu(), [&](int64_t e) {
-      if (g.count[e] == 0) return;
-      const int64_t o = g.offset[e], n = g.count[e];
+    run_plan(plan_work(g, x.is_cpu()), [&](const Item& it, int64_t) {
+      const int64_t e = it.e, o = it.o, n = it.n;
       auto h13_e = h13.narrow(0, o, n), a_e = a.narrow(0, o, n);
       mm_into(h13_e, x.narrow(0, o, n), w13[e]);
       gated_forward(h13_e, H, act, a_e);
@@ -130,26 +160,28 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
     const Groups g = groups_of(counts, S);
     auto dy = grads[0].contiguous();
 
-    auto dw2 = torch::empty_like(w2), dw13 = torch::empty_like(w13);
+    const Plan plan = plan_work(g, x.is_cpu());
+    // dL/dW: written once per expert (zeros for experts without tokens), or,
+    // when experts' rows are split over threads, one accumulator per thread.
+    const size_t n_acc = plan.split ? plan.per_thread.size() : 1;
+    std::vector<torch::Tensor> dw2(n_acc), dw13(n_acc);
+    for (size_t t = 0; t < n_acc; ++t) dw2[t] = torch::zeros_like(w2), dw13[t] = torch::zeros_like(w13);
     auto da = torch::empty({S, H}, x.options()), dh13 = torch::empty({S, 2 * H}, x.options());
     auto dx = torch::empty({S, D}, x.options());
-    for_each_expert(g, x.is_cpu(), [&](int64_t e) {
-      if (g.count[e] == 0) {  // an expert with no tokens gets a zero gradient
-        dw2[e].zero_();
-        dw13[e].zero_();
-        return;
-      }
-      const int64_t o = g.offset[e], n = g.count[e];
+    run_plan(plan, [&](const Item& it, int64_t t) {
+      const int64_t e = it.e, o = it.o, n = it.n;
+      const size_t acc = plan.split ? size_t(t) : 0;
       auto dy_e = dy.narrow(0, o, n), da_e = da.narrow(0, o, n), dh_e = dh13.narrow(0, o, n);
       auto x_e = x.narrow(0, o, n);
-      mm_into(dw2[e], a.narrow(0, o, n).t(), dy_e);
+      mm_into(dw2[acc][e], a.narrow(0, o, n).t(), dy_e);
       mm_into(da_e, dy_e, w2[e].t());
       gated_backward(h13.narrow(0, o, n), da_e, H, act, dh_e);
-      mm_into(dw13[e], x_e.t(), dh_e);
+      mm_into(dw13[acc][e], x_e.t(), dh_e);
       mm_into(dx.narrow(0, o, n), dh_e, w13[e].t());
     });
-    return {dx, dw13.narrow(2, 0, H).contiguous(), dw13.narrow(2, H, H).contiguous(), dw2, torch::Tensor(),
-            torch::Tensor()};
+    for (size_t t = 1; t < n_acc; ++t) dw2[0] += dw2[t], dw13[0] += dw13[t];
+    return {dx, dw13[0].narrow(2, 0, H).contiguous(), dw13[0].narrow(2, H, H).contiguous(), dw2[0],
+            torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -158,6 +190,20 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
 torch::Tensor expert_ffn_loop(const torch::Tensor& x_SD, const torch::Tensor& w1_EDH, const torch::Tensor& w3_EDH,
                               const torch::Tensor& w2_EHD, const torch::Tensor& counts_E, GatedActivation act) {
   return ExpertFFNLoop::apply(x_SD, w1_EDH, w3_EDH, w2_EHD, counts_E, int64_t(act));
+}
+
+torch::Tensor gated_mlp(const torch::Tensor& x_ND, const torch::Tensor& w1_HD, const torch::Tensor& w3_HD,
+                        const torch::Tensor& w2_DH, GatedActivation act) {
+  const int64_t D = x_ND.size(-1);
+  auto x = x_ND.reshape({-1, D});
+  const auto dt = compat::autocast_enabled(x.device()) ? torch::kBFloat16 : x.scalar_type();
+  compat::NoAutocast no_autocast;
+  auto counts = torch::full({1}, x.size(0), torch::kInt64);
+  auto y = expert_ffn_loop(x.to(dt), w1_HD.to(dt).t().unsqueeze(0), w3_HD.to(dt).t().unsqueeze(0),
+                           w2_DH.to(dt).t().unsqueeze(0), counts, act);
+  auto shape = x_ND.sizes().vec();
+  shape.back() = w2_DH.size(0);
+  return y.view(shape);
 }
 
 }  // namespace moecpt::model

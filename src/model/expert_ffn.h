@@ -29,4 +29,11 @@ torch::Tensor expert_ffn_loop(const torch::Tensor& x_SD, const torch::Tensor& w1
                               const torch::Tensor& w3_EDH, const torch::Tensor& w2_EHD,
                               const torch::Tensor& counts_E, GatedActivation act);
 
+// The dense gated MLP (dense FFN, shared experts) through the same Function as
+// one group of all rows (split over threads by rows on the CPU), weights in
+// torch::nn::Linear's [out, in] layout: w1, w3 [H, D], w2 [D, H]. x: [..., D].
+// Under autocast it runs in bf16, as Linear would.
+torch::Tensor gated_mlp(const torch::Tensor& x_ND, const torch::Tensor& w1_HD, const torch::Tensor& w3_HD,
+                        const torch::Tensor& w2_DH, GatedActivation act);
+
 }  // namespace moecpt::model

@@ -2,6 +2,7 @@
 // SiLU (SwiGLU). The dense FFN and the shared experts of an MoE layer.
 #pragma once
 #include "core/pch.h"
+#include "model/expert_ffn.h"
 
 namespace moecpt::model {
 
@@ -19,7 +20,7 @@ class GatedMLPImpl : public torch::nn::Module {
   torch::nn::Linear w1{nullptr}, w3{nullptr}, w2{nullptr};  // no biases
 
  private:
-  Activation act_;
+  GatedActivation act_;
 };
 TORCH_MODULE(GatedMLP);
 

@@ -1,0 +1,61 @@
+// train/op_profile.h: per-op aggregation of LibTorch's profiler, checked on a
+// computation whose ops we know, and through `moecpt bench train --profile`.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/pch.h"
+#include "test_util.h"
+#include "train/op_profile.h"
+
+using namespace moecpt;
+
+namespace {
+const train::OpStat* find(const std::vector<train::OpStat>& ops, const std::string& name) {
+  for (const auto& o : ops)
+    if (o.name == name) return &o;
+  return nullptr;
+}
+}  // namespace
+
+TEST(OpProfile, CountsCallsAndSeparatesSelfFromChildTime) {
+  auto a = torch::randn({256, 256}), b = torch::randn({256, 256}), s = torch::full({}, 1.0 / 16);
+  auto ops = train::profile_ops([&] {
+    RECORD_USER_SCOPE("outer");
+    for (int i = 0; i < 3; ++i) a = torch::mm(a, b) * s;
+  });
+  const auto* mm = find(ops, "aten::mm");
+  const auto* mul = find(ops, "aten::mul");
+  const auto* outer = find(ops, "outer");
+  ASSERT_TRUE(mm && mul && outer);
+  EXPECT_EQ(mm->calls, 3);
+  EXPECT_EQ(mul->calls, 3);
+  EXPECT_EQ(outer->calls, 1);
+  EXPECT_LE(mm->self_us, mm->total_us + 1e-9);
+  // the scope's total covers its children; its self time excludes them
+  EXPECT_GE(outer->total_us + 1e-9, mm->total_us + mul->total_us);
+  EXPECT_NEAR(outer->self_us, outer->total_us - mm->total_us - mul->total_us, 0.05 * outer->total_us + 50);
+  // sorted by self time, largest first
+  for (size_t i = 1; i < ops.size(); ++i) EXPECT_GE(ops[i - 1].self_us, ops[i].self_us);
+  // a profiler that throws inside is switched off again
+  EXPECT_THROW(train::profile_ops([] { throw Error("inside"); }), Error);
+  EXPECT_NO_THROW(train::profile_ops([] {}));
+  const auto text = train::format_op_table(ops, outer->total_us, 2);
+  EXPECT_NE(text.find("op (by self CPU time)"), std::string::npos);
+}
+
+TEST(OpProfile, BenchTrainProfileListsTheMoEPhases) {
+  const std::string path = std::string(MOECPT_SOURCE_DIR) + "/recipes/mini/granular-aux.toml";
+  auto r = moecpt::testing::run_moecpt("bench train --config " + path +
+                                       " --set model.vocab_size=256 --set model.d_model=32 --set model.seq_len=16"
+                                       " --layers 1 --steps 1 --warmup 1 --batch 2 --threads 1 --profile 500 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  std::map<std::string, int64_t> calls;
+  for (const auto& row : j["profile"]["ops"]) calls[row["op"].get<std::string>()] = row["calls"].get<int64_t>();
+  for (const char* phase : {"moe.router", "moe.dispatch", "moe.experts", "moe.combine", "moe.shared"})
+    EXPECT_EQ(calls[phase], 1) << phase;  // one MoE layer, one forward
+  EXPECT_GT(calls["aten::mm"], 0);
+  EXPECT_GT(j["profile"]["profiled_step_ms"].get<double>(), 0);
+}
