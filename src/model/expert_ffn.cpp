@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <functional>
 
+#include <ATen/ThreadLocalState.h>
+
 #include "core/error.h"
 #include "model/fused_runtime.h"  // autocast_enabled, NoAutocast
 
@@ -94,7 +96,11 @@ void run_plan(const Plan& p, const std::function<void(const Item&, int64_t)>& fn
     for (const auto& it : p.per_thread[0]) fn(it, 0);
     return;
   }
+  // Worker threads start with default thread-local state (grad mode on, no
+  // autocast, no profiler): give them the caller's.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t t = t0; t < t1; ++t)
       for (const auto& it : p.per_thread[size_t(t)]) fn(it, t);
   });
@@ -156,7 +162,7 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
     const auto &x = saved[0], &w13 = saved[1], &w2 = saved[2], &h13 = saved[3], &a = saved[4];
     const auto act = GatedActivation(ctx->saved_data["act"].toInt());
     const auto counts = ctx->saved_data["counts"].toTensor();
-    const int64_t S = x.size(0), E = w13.size(0), D = w13.size(1), H = w2.size(1);
+    const int64_t S = x.size(0), D = w13.size(1), H = w2.size(1);
     const Groups g = groups_of(counts, S);
     auto dy = grads[0].contiguous();
 

@@ -1,5 +1,7 @@
 #include "model/fused_ce.h"
 
+#include <ATen/ThreadLocalState.h>
+
 #include <algorithm>
 
 #include "core/error.h"
@@ -37,12 +39,19 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       loss_sum[t] = torch::zeros({}, x_ND.options().dtype(acc));
       if (need_grad) grad_w[t] = torch::zeros({V, w_VD.size(1)}, w_VD.options().dtype(acc));
     }
+    // One logits buffer per thread, reused by its chunks: a fresh [rows, V]
+    // tensor per chunk is a large allocation, and its page faults serialise
+    // the threads in the kernel (measured: two threads no faster than one).
+    std::vector<torch::Tensor> logits_buf(static_cast<size_t>(n_threads));
+    for (int64_t t = 0; t < n_threads; ++t) logits_buf[t] = torch::empty({std::min(chunk_rows, N), V}, x.options());
     const double inv_n = 1.0 / double(N);
     auto run_chunk = [&](int64_t chunk, int64_t t) {
       const int64_t start = chunk * chunk_rows, n = std::min(chunk_rows, N - start);
       auto x_c = x.narrow(0, start, n);
       auto t_c = targets_N.narrow(0, start, n).unsqueeze(1);
-      auto logits = torch::mm(x_c, w.t()).to(acc);  // [n, V]
+      auto logits_mm = logits_buf[t].narrow(0, 0, n);
+      at::mm_out(logits_mm, x_c, w.t());
+      auto logits = logits_mm.to(acc);  // [n, V]; the buffer itself unless bf16
       // lse = m + log Σ exp(logits − m), with the exponentials kept: they are
       // the softmax numerators of the gradient (one exp pass, not two).
       auto m = std::get<0>(logits.max(1, /*keepdim=*/true));
@@ -69,7 +78,9 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       for (int64_t c = 0; c < n_chunks; ++c) run_chunk(c, 0);
     } else {
       // Thread t takes the chunks [t·n/T, (t+1)·n/T): contiguous, balanced to one chunk.
+      const at::ThreadLocalState caller_state;  // grad mode off, autocast off, profiler: as the caller's
       at::parallel_for(0, n_threads, 1, [&](int64_t t0, int64_t t1) {
+        at::ThreadLocalStateGuard state_guard(caller_state);
         for (int64_t t = t0; t < t1; ++t)
           for (int64_t c = t * n_chunks / n_threads; c < (t + 1) * n_chunks / n_threads; ++c) run_chunk(c, t);
       });
