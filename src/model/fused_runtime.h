@@ -11,9 +11,11 @@ namespace moecpt::compat {
 
 // Threads of the BLAS library under ATen's matmuls, if it is OpenBLAS (Debian's
 // LibTorch calls the pthread build): its own thread pool spins beside ATen's
-// OpenMP threads and, on 2 vCPUs, made attention's bmm up to 90x slower
-// (docs/performance.md). 1 thread loses nothing there (the two vCPUs share a
-// core's FMA units). Returns false when no OpenBLAS is loaded (e.g. MKL wheels).
+// OpenMP threads and, on 2 loaded vCPUs, made attention's bmm up to 90x slower
+// (docs/performance.md). moecpt keeps it at 1 and splits its large matmuls over
+// ATen's threads itself (fused head chunks, expert groups, FFN rows:
+// model/fused_ce.cpp, model/expert_ffn.cpp), each thread calling
+// single-threaded BLAS. Returns false when no OpenBLAS is loaded (e.g. MKL).
 inline bool set_blas_threads(int n) {
   using SetThreads = void (*)(int);
   auto fn = reinterpret_cast<SetThreads>(::dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
