@@ -6,6 +6,7 @@
 #include <ATen/autocast_mode.h>
 
 #include "model/attention.h"
+#include "model/causal_attention.h"
 #include "core/error.h"
 #include "model/expert_ffn.h"
 #include "model/flops.h"
@@ -13,6 +14,7 @@
 #include "model/moe.h"
 #include "model/torch_compat.h"
 #include "model/router_bias.h"
+#include "model/threaded_linear.h"
 #include "model/transformer.h"
 
 using namespace moecpt;
@@ -80,7 +82,9 @@ TEST_P(ModelMoEDropless, MatchesNaivePerTokenLoop) {
   }
   auto out = moe(x_TD.view({2, T / 2, D}));
   ASSERT_EQ(out.y_BTD.sizes(), (std::vector<int64_t>{2, T / 2, D}));
-  if (c.k < c.E) EXPECT_EQ(out.routing.tokens_per_expert_E[c.E - 1].item<int64_t>(), 0);
+  if (c.k < c.E) {
+    EXPECT_EQ(out.routing.tokens_per_expert_E[c.E - 1].item<int64_t>(), 0);
+  }
   EXPECT_EQ(out.routing.tokens_per_expert_E.sum().item<int64_t>(), T * c.k);  // dropless
 
   // Reference: route each token by hand and loop over its experts.
@@ -187,7 +191,9 @@ TEST(ModelMoE, ExpertFfnLoopMatchesAutogradReference) {
       for (size_t i = 0; i < wrt.size(); ++i)
         EXPECT_TRUE(torch::allclose(g[i], g_ref[i], 1e-12, 1e-12)) << "grad " << i;
       for (int64_t e = 0; e < E; ++e)  // experts without tokens: exactly zero gradients, not garbage
-        if (c.sizes[e] == 0) EXPECT_EQ(g[1][e].abs().max().item<double>() + g[3][e].abs().max().item<double>(), 0.0);
+        if (c.sizes[e] == 0) {
+          EXPECT_EQ(g[1][e].abs().max().item<double>() + g[3][e].abs().max().item<double>(), 0.0);
+        }
       if (c.threads != 1) continue;
       auto f = [&] { return (expert_ffn_loop(x, w1, w3, w2, counts, gated_activation_by_name(name)) * R).sum(); };
       expect_grad_matches_fd(f, x, {0, 11, 40, 77}, "x");
@@ -223,6 +229,58 @@ TEST(ModelMLP, GatedMlpMatchesLinearFormula) {
   ASSERT_EQ(y.sizes(), x.sizes());
   EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12));
   for (size_t i = 0; i < wrt.size(); ++i) EXPECT_TRUE(torch::allclose(g[i], g_ref[i], 1e-12, 1e-12)) << "grad " << i;
+}
+
+// model/threaded_linear.h: rows split over 1–3 threads (per-thread dL/dW
+// summed) equal torch::linear, outputs and gradients, in double.
+TEST(ModelAttention, ThreadedLinearMatchesLinear) {
+  torch::manual_seed(9);
+  auto x = torch::randn({2, 150, 10}, torch::kFloat64).requires_grad_(true);
+  auto w = torch::randn({7, 10}, torch::kFloat64).requires_grad_(true);
+  auto R = torch::randn({2, 150, 7}, torch::kFloat64);
+  auto y_ref = torch::linear(x, w);
+  auto g_ref = torch::autograd::grad({(y_ref * R).sum()}, {x, w});
+  const int threads_before = torch::get_num_threads();
+  for (int threads : {1, 2, 3}) {
+    torch::set_num_threads(threads);
+    auto y = threaded_linear(x, w);
+    auto g = torch::autograd::grad({(y * R).sum()}, {x, w});
+    torch::set_num_threads(threads_before);
+    ASSERT_EQ(y.sizes(), y_ref.sizes());
+    EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12)) << threads << " threads";
+    EXPECT_TRUE(torch::allclose(g[0], g_ref[0], 1e-12, 1e-12)) << threads << " threads";
+    EXPECT_TRUE(torch::allclose(g[1], g_ref[1], 1e-12, 1e-12)) << threads << " threads";
+  }
+}
+
+// model/causal_attention.h against the maths spelled out (matmul, scale,
+// causal mask, softmax, matmul) with autograd, in double, on 1–3 threads
+// (heads split over threads), plus finite differences.
+TEST(ModelAttention, ThreadedCausalAttentionMatchesReference) {
+  torch::manual_seed(12);
+  auto opts = torch::dtype(torch::kFloat64);
+  auto q = torch::randn({2, 3, 9, 4}, opts).requires_grad_(true);
+  auto k = torch::randn({2, 3, 9, 4}, opts).requires_grad_(true);
+  auto v = torch::randn({2, 3, 9, 4}, opts).requires_grad_(true);
+  auto R = torch::randn({2, 3, 9, 4}, opts);
+  auto scores = torch::matmul(q, k.transpose(-2, -1)) / 2.0;  // √Dh = 2
+  scores = scores.masked_fill(torch::ones({9, 9}, torch::kBool).triu(1), -INFINITY);
+  auto y_ref = torch::matmul(torch::softmax(scores, -1), v);
+  auto g_ref = torch::autograd::grad({(y_ref * R).sum()}, {q, k, v});
+  const int threads_before = torch::get_num_threads();
+  for (int threads : {1, 2, 3}) {
+    torch::set_num_threads(threads);
+    auto y = causal_attention_threaded(q, k.transpose(-2, -1).transpose(-2, -1), v);
+    auto g = torch::autograd::grad({(y * R).sum()}, {q, k, v});
+    torch::set_num_threads(threads_before);
+    EXPECT_TRUE(torch::allclose(y, y_ref, 1e-12, 1e-12)) << threads << " threads";
+    for (int i = 0; i < 3; ++i) EXPECT_TRUE(torch::allclose(g[i], g_ref[i], 1e-12, 1e-12)) << "grad " << i;
+  }
+  auto f = [&] { return (causal_attention_threaded(q, k, v) * R).sum(); };
+  expect_grad_matches_fd(f, q, {0, 37, 200}, "q");
+  expect_grad_matches_fd(f, k, {5, 99, 210}, "k");
+  expect_grad_matches_fd(f, v, {3, 120, 215}, "v");
+  EXPECT_THROW(causal_attention_threaded(q, k.narrow(2, 0, 8), v), moecpt::Error);
 }
 
 // The grouped expert GEMM (at::_grouped_mm, LibTorch >= 2.8) computes the same

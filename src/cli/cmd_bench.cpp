@@ -139,17 +139,6 @@ double measured_cpu_matmul_tflops(torch::ScalarType dtype) {
 
 // Global-norm gradient clipping without a host sync (LibTorch's
 // clip_grad_norm_ returns the norm as a double, i.e. calls .item()).
-void clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm) {
-  std::vector<torch::Tensor> norms;
-  for (const auto& p : params)
-    if (p.grad().defined()) norms.push_back(p.grad().norm(2).to(torch::kFloat32));
-  if (norms.empty()) return;
-  auto total = torch::stack(norms).norm(2);
-  auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
-  for (const auto& p : params)
-    if (p.grad().defined()) p.grad().mul_(coef.to(p.grad().scalar_type()));
-}
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();

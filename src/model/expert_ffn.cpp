@@ -3,9 +3,8 @@
 #include <algorithm>
 #include <functional>
 
-#include <ATen/ThreadLocalState.h>
-
 #include "core/error.h"
+#include "model/cpu_parallel.h"
 #include "model/fused_runtime.h"  // autocast_enabled, NoAutocast
 
 namespace moecpt::model {
@@ -64,11 +63,10 @@ struct Plan {
   bool split = false;
 };
 
-Plan plan_work(const Groups& g, bool cpu) {
+Plan plan_work(const Groups& g, const torch::Tensor& like) {
   const int64_t E = int64_t(g.count.size());
   const int64_t S = E ? g.offset.back() + g.count.back() : 0;
-  int64_t T = cpu && !at::in_parallel_region() ? at::get_num_threads() : 1;
-  T = std::max<int64_t>(1, std::min<int64_t>(T, S / 32));  // no threads for a handful of rows
+  const int64_t T = cpu_workers(like, S, /*min rows per worker=*/32);
   Plan p;
   p.per_thread.resize(size_t(T));
   if (T == 1 || E >= T) {
@@ -89,20 +87,10 @@ Plan plan_work(const Groups& g, bool cpu) {
   return p;
 }
 
-// fn(item, t) for every item, thread t running plan.per_thread[t].
+// fn(item, t) for every item, worker t running plan.per_thread[t].
 void run_plan(const Plan& p, const std::function<void(const Item&, int64_t)>& fn) {
-  const int64_t T = int64_t(p.per_thread.size());
-  if (T == 1) {
-    for (const auto& it : p.per_thread[0]) fn(it, 0);
-    return;
-  }
-  // Worker threads start with default thread-local state (grad mode on, no
-  // autocast, no profiler): give them the caller's.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    for (int64_t t = t0; t < t1; ++t)
-      for (const auto& it : p.per_thread[size_t(t)]) fn(it, t);
+  run_workers(int64_t(p.per_thread.size()), [&](int64_t t) {
+    for (const auto& it : p.per_thread[size_t(t)]) fn(it, t);
   });
 }
 
@@ -144,7 +132,7 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
     auto h13 = torch::empty({S, 2 * H}, x.options());
     auto a = torch::empty({S, H}, x.options());
     auto y = torch::empty({S, D}, x.options());
-    run_plan(plan_work(g, x.is_cpu()), [&](const Item& it, int64_t) {
+    run_plan(plan_work(g, x), [&](const Item& it, int64_t) {
       const int64_t e = it.e, o = it.o, n = it.n;
       auto h13_e = h13.narrow(0, o, n), a_e = a.narrow(0, o, n);
       mm_into(h13_e, x.narrow(0, o, n), w13[e]);
@@ -166,7 +154,7 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
     const Groups g = groups_of(counts, S);
     auto dy = grads[0].contiguous();
 
-    const Plan plan = plan_work(g, x.is_cpu());
+    const Plan plan = plan_work(g, x);
     // dL/dW: written once per expert (zeros for experts without tokens), or,
     // when experts' rows are split over threads, one accumulator per thread.
     const size_t n_acc = plan.split ? plan.per_thread.size() : 1;

@@ -1,10 +1,9 @@
 #include "model/fused_ce.h"
 
-#include <ATen/ThreadLocalState.h>
-
 #include <algorithm>
 
 #include "core/error.h"
+#include "model/cpu_parallel.h"
 #include "model/fused_runtime.h"
 
 namespace moecpt::model {
@@ -30,8 +29,7 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
     // BLAS thread), loss and dL/dW accumulator, summed at the end: on 2 vCPUs
     // thin [rows, D] × [D, V] matmuls scale better this way than inside BLAS.
     // On a GPU, or inside another parallel region, one thread runs them all.
-    const int64_t n_threads =
-        x.is_cpu() && !at::in_parallel_region() ? std::min<int64_t>(at::get_num_threads(), n_chunks) : 1;
+    const int64_t n_threads = cpu_workers(x, n_chunks);
     torch::Tensor grad_x;
     std::vector<torch::Tensor> grad_w(static_cast<size_t>(n_threads)), loss_sum(static_cast<size_t>(n_threads));
     if (need_grad) grad_x = torch::empty({N, x_ND.size(1)}, x_ND.options().dtype(acc));
@@ -74,17 +72,11 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
         grad_w[t].addmm_(g.t(), x_c);
       }
     };
-    if (n_threads == 1) {
-      for (int64_t c = 0; c < n_chunks; ++c) run_chunk(c, 0);
-    } else {
-      // Thread t takes the chunks [t·n/T, (t+1)·n/T): contiguous, balanced to one chunk.
-      const at::ThreadLocalState caller_state;  // grad mode off, autocast off, profiler: as the caller's
-      at::parallel_for(0, n_threads, 1, [&](int64_t t0, int64_t t1) {
-        at::ThreadLocalStateGuard state_guard(caller_state);
-        for (int64_t t = t0; t < t1; ++t)
-          for (int64_t c = t * n_chunks / n_threads; c < (t + 1) * n_chunks / n_threads; ++c) run_chunk(c, t);
-      });
-    }
+    // Worker t takes the chunks [t·n/T, (t+1)·n/T): contiguous, balanced to one chunk.
+    run_workers(n_threads, [&](int64_t t) {
+      const auto [c0, c1] = share(n_chunks, n_threads, t);
+      for (int64_t c = c0; c < c1; ++c) run_chunk(c, t);
+    });
     for (int64_t t = 1; t < n_threads; ++t) {
       loss_sum[0] += loss_sum[t];
       if (need_grad) grad_w[0] += grad_w[t];

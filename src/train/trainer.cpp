@@ -57,21 +57,6 @@ StepLosses forward_losses(model::Transformer& m, const torch::Tensor& windows_BT
   return {out.lm_loss, out.aux_loss, out.z_loss, std::move(out.routing)};
 }
 
-// Global-norm gradient clipping on the device: the same maths as LibTorch's
-// clip_grad_norm_ (coef = max_norm / (norm + 1e-6), applied when < 1) without its
-// .item(). Returns the pre-clip norm as a 0-d fp32 device tensor (undefined if
-// no parameter has a gradient).
-torch::Tensor clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm) {
-  std::vector<torch::Tensor> norms;
-  for (const auto& p : params)
-    if (p.grad().defined()) norms.push_back(p.grad().norm(2).to(torch::kFloat32));
-  if (norms.empty()) return {};  // no gradients: nothing to clip, norm reported as 0
-  auto total = torch::stack(norms).norm(2);
-  auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
-  for (const auto& p : params)
-    if (p.grad().defined()) p.grad().mul_(coef.to(p.grad().scalar_type()));
-  return total;
-}
 
 // Routing statistics of one layer from its per-expert slot counts (SPEC §5):
 // MRI = max_i share of the tokens that chose i (k/E balanced … 1);
