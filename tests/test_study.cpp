@@ -76,6 +76,25 @@ TEST(Study, MiniRecipePlansEveryArm) {
   EXPECT_GE(plan.saturation_batches, quick.saturation_batches);
 }
 
+// recipes/study/code.toml: the same arms with code as D1 and 30 % replay.
+TEST(Study, CodeRecipePlansTheCodeShift) {
+  const auto mini = plan_study(kSrc + "/recipes/study/mini.toml", "/tmp/study-x", false);
+  const auto plan = plan_study(kSrc + "/recipes/study/code.toml", "/tmp/study-c", false);
+  ASSERT_EQ(plan.arms.size(), mini.arms.size());
+  int n_cpt = 0;
+  for (const auto& a : plan.arms) {
+    if (a.kind == "pt") EXPECT_EQ(a.config.data.train, std::vector<std::string>{"en"});
+    if (a.kind != "cpt") continue;
+    ++n_cpt;
+    EXPECT_EQ(a.config.data.train, std::vector<std::string>{"code"});
+    EXPECT_EQ(a.config.data.replay, std::vector<std::string>{"en"});
+    EXPECT_TRUE(a.replay == 0.0 || a.replay == 0.3) << a.name;
+    EXPECT_DOUBLE_EQ(a.config.data.replay_fraction, a.replay);
+  }
+  EXPECT_EQ(n_cpt, 10);
+  for (const auto& t : plan.tasks) EXPECT_TRUE(fs::exists(t)) << t;
+}
+
 TEST(Study, BadRecipesNameTheKey) {
   testing::TempDir dir;
   const std::string good = R"(
