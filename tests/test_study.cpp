@@ -83,7 +83,9 @@ TEST(Study, CodeRecipePlansTheCodeShift) {
   ASSERT_EQ(plan.arms.size(), mini.arms.size());
   int n_cpt = 0;
   for (const auto& a : plan.arms) {
-    if (a.kind == "pt") EXPECT_EQ(a.config.data.train, std::vector<std::string>{"en"});
+    if (a.kind == "pt") {
+      EXPECT_EQ(a.config.data.train, std::vector<std::string>{"en"});
+    }
     if (a.kind != "cpt") continue;
     ++n_cpt;
     EXPECT_EQ(a.config.data.train, std::vector<std::string>{"code"});
