@@ -81,7 +81,7 @@ Plan plan_work(const Groups& g, const torch::Tensor& like) {
   p.split = true;
   for (int64_t e = 0; e < E; ++e)
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t lo = g.count[e] * t / T, hi = g.count[e] * (t + 1) / T;
+      const auto [lo, hi] = share(g.count[e], T, t);
       if (hi > lo) p.per_thread[size_t(t)].push_back({e, g.offset[e] + lo, hi - lo});
     }
   return p;
