@@ -24,6 +24,7 @@
 #include "core/safetensors.h"
 #include "data/shard.h"
 #include "model/transformer.h"
+#include "test_shards.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 #include "train/optimizer.h"
@@ -56,16 +57,7 @@ void write_data(const std::string& dir) {
 
 // A tiny MoE (so router state is part of what must survive) checkpointing every step.
 std::string recipe(const std::string& data_dir, int64_t steps) {
-  return R"([run]
-threads = 1
-[model]
-vocab_size = 64
-d_model = 32
-n_layers = 2
-n_heads = 2
-seq_len = 16
-ffn_hidden = 64
-ffn = "moe"
+  return testing::tiny_model_toml() + R"(ffn = "moe"
 n_experts = 4
 top_k = 2
 expert_hidden = 16

@@ -46,17 +46,7 @@ struct Fixture {
     write_domain(dir / "d0", 1);
     write_domain(dir / "d1", 3);
     recipe = dir / "r.toml";
-    testing::write_text(recipe, R"(
-[run]
-threads = 1
-[model]
-vocab_size = 64
-d_model = 32
-n_layers = 2
-n_heads = 2
-seq_len = 16
-ffn_hidden = 64
-ffn = ")" + ffn + R"("
+    testing::write_text(recipe, testing::tiny_model_toml() + R"(ffn = ")" + ffn + R"("
 n_experts = 4
 n_shared_experts = 1
 top_k = 2

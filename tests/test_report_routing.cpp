@@ -231,17 +231,7 @@ TEST(ReportRouting, StudySavesDiagnosticsForCptArmsAndRendersThem) {
   testing::TempDir dir;
   write_domain(dir / "d0", 1);
   write_domain(dir / "d1", 3);
-  testing::write_text(dir / "base.toml", R"(
-[run]
-threads = 1
-[model]
-vocab_size = 64
-d_model = 32
-n_layers = 2
-n_heads = 2
-seq_len = 16
-ffn_hidden = 64
-ffn = "moe"
+  testing::write_text(dir / "base.toml", testing::tiny_model_toml() + R"(ffn = "moe"
 n_experts = 4
 top_k = 2
 expert_hidden = 16

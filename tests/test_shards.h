@@ -10,6 +10,14 @@
 
 namespace moecpt::testing {
 
+// The [run] section and the size keys of [model] of the tiny end-to-end recipes
+// (vocabulary 64 as write_domain's tokens); callers append the FFN, router,
+// optimizer, data and training keys.
+inline std::string tiny_model_toml() {
+  return "[run]\nthreads = 1\n[model]\nvocab_size = 64\nd_model = 32\nn_layers = 2\nn_heads = 2\n"
+         "seq_len = 16\nffn_hidden = 64\n";
+}
+
 // Writes <dir>/train.bin and <dir>/val.bin: `n_docs` documents of 60 tokens in
 // 2..61 plus EOS (1), vocabulary 64.
 inline void write_domain(const std::string& dir, uint32_t step, int n_docs) {

@@ -26,17 +26,7 @@ namespace {
 void write_domain(const std::string& dir, uint32_t step) { testing::write_domain(dir, step, 40); }
 
 std::string tiny_recipe(const testing::TempDir& dir) {
-  return R"(
-[run]
-threads = 1
-[model]
-vocab_size = 64
-d_model = 32
-n_layers = 2
-n_heads = 2
-seq_len = 16
-ffn_hidden = 64
-ffn = "moe"
+  return testing::tiny_model_toml() + R"(ffn = "moe"
 n_experts = 4
 n_shared_experts = 1
 top_k = 2
