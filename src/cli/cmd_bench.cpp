@@ -173,6 +173,7 @@ void run_bench_train(const BenchOptions& o) {
   torch::manual_seed(uint64_t(cfg.run.seed));
   model::Transformer model(mc, cfg.router);
   model->to(dev);
+  model->set_activation_checkpointing(cfg.train.recompute_every());
   model->train();
   auto opt = make_adamw(*model, cfg.optim);
   const auto params = model->parameters();
@@ -285,6 +286,7 @@ void run_bench_train(const BenchOptions& o) {
       {"threads", threads},
       {"batch_sequences", B},
       {"accum_micro_batches", accum},
+      {"activation_checkpointing_every", model->activation_checkpointing()},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
       {"steps", o.steps},
@@ -329,6 +331,9 @@ void run_bench_train(const BenchOptions& o) {
   std::printf("  device: %s%s, dtype %s, %d threads, %s head\n", device_name.c_str(),
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
               o.unfused_head ? "unfused" : "fused");
+  if (model->activation_checkpointing() > 0)
+    std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
+                (long long)model->activation_checkpointing());
   std::printf("  batch: %lld x %lld x %lld micro-batch(es) = %.0f tokens/step; %lld warm-up + %lld timed steps\n",
               (long long)B, (long long)T, (long long)accum, tokens_per_step, (long long)o.warmup, (long long)o.steps);
   std::printf("  step: %.1f ms median (min %.1f, max %.1f)\n", 1e3 * med_s,

@@ -183,6 +183,11 @@ struct TrainConfig {
   int64_t checkpoint_every = 0;    // 0 = only at the end
   int64_t keep_last = 2;           // step checkpoints kept (tagged ones are always kept)
   std::string on_nonfinite = "stop";  // stop | skip
+  std::string activation_checkpointing = "none";  // none | full (model/activation_checkpoint.h)
+  int64_t activation_checkpointing_every = 1;    // full: recompute blocks l with l % n == 0
+
+  // For TransformerImpl::set_activation_checkpointing: 0 = off, else n.
+  int64_t recompute_every() const { return activation_checkpointing == "full" ? activation_checkpointing_every : 0; }
 
   template <class V> void visit(V& v) {
     v("steps", steps, "optimizer steps in this phase", at_least(1));
@@ -196,6 +201,8 @@ struct TrainConfig {
     v("checkpoint_every", checkpoint_every, "steps between checkpoints (0 = end only)", at_least(0));
     v("keep_last", keep_last, "step checkpoints to keep (final and pre_anneal are always kept)", at_least(1));
     v("on_nonfinite", on_nonfinite, "non-finite loss: stop the run, or skip the batch", Choices{"stop", "skip"});
+    v("activation_checkpointing", activation_checkpointing, "recompute blocks in the backward instead of keeping their activations (less memory, ~1/3 more FLOPs; same gradients)", Choices{"none", "full"});
+    v("activation_checkpointing_every", activation_checkpointing_every, "with full: recompute every n-th block (1 = all, 2 = every other one)", at_least(1));
   }
 };
 

@@ -116,23 +116,12 @@ torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch:
 LossOutput forward_loss(TransformerImpl& m, const torch::Tensor& tokens_BT, const torch::Tensor& targets_BT) {
   if (targets_BT.sizes() != tokens_BT.sizes())
     throw Error("forward_loss: targets and tokens must have the same shape [B, T]");
-  // TransformerImpl::forward up to the head (transformer.cpp), step for step.
   const auto& mc = m.config();
-  const auto rope = rotary_tables(tokens_BT.size(1), mc.d_model / mc.n_heads, mc.rope_theta, tokens_BT.device());
   LossOutput out;
-  auto x_BTD = m.tok_emb(tokens_BT);
-  for (const auto& child : *m.blocks) x_BTD = child->as<BlockImpl>()->forward(x_BTD, rope, out.routing);
-  x_BTD = m.final_norm(x_BTD);
+  auto x_BTD = m.hidden_states(tokens_BT, out.routing);
   const auto& w_VD = m.head ? m.head->weight : m.tok_emb->weight;
   out.lm_loss = fused_linear_cross_entropy(x_BTD.reshape({-1, mc.d_model}), w_VD, targets_BT.reshape({-1}));
-
-  auto zero = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(tokens_BT.device()));
-  out.aux_loss = zero;
-  out.z_loss = zero;
-  for (const auto& r : out.routing) {
-    out.aux_loss = out.aux_loss + r.aux_loss;
-    out.z_loss = out.z_loss + r.z_loss;
-  }
+  std::tie(out.aux_loss, out.z_loss) = router_losses(out.routing, tokens_BT.device());
   return out;
 }
 

@@ -27,9 +27,8 @@ torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch:
 // Transformer forward with the head and the cross-entropy against targets_BT
 // (int64 [B, T], all in [0, V)) fused: lm_loss is set, logits_BTV is not.
 // Same loss and gradients as cross_entropy(m.forward(tokens).logits_BTV);
-// aux_loss, z_loss and routing as forward(). (A free function on the module's
-// public parts so that adding it did not rebuild every user of transformer.h;
-// it belongs in TransformerImpl.)
+// aux_loss, z_loss and routing as forward(); both run the body through
+// TransformerImpl::hidden_states (activation checkpointing included).
 struct LossOutput {
   torch::Tensor lm_loss;              // scalar mean next-token cross-entropy
   torch::Tensor aux_loss, z_loss;     // as ModelOutput

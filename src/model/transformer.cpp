@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "model/activation_checkpoint.h"
 #include "model/flops.h"
 
 namespace moecpt::model {
@@ -53,23 +54,72 @@ TransformerImpl::TransformerImpl(const ModelConfig& mc, const RouterConfig& rc) 
   }
 }
 
-ModelOutput TransformerImpl::forward(const torch::Tensor& tokens_BT) {
+namespace {
+
+// One block through model/activation_checkpoint.h: inputs x and the rotary
+// tables; outputs y and, for an MoE block, its aux and z losses, which must be
+// outputs of the recomputed piece so that their gradients reach the router.
+// The routing of the forward pass (counts, ids, scores: no gradients needed)
+// is published into `routing` with the differentiable losses put back.
+torch::Tensor checkpointed_block(const Block& block, const torch::Tensor& x_BTD, const RotaryTables& rope,
+                                 std::vector<RoutingInfo>& routing) {
+  std::vector<RoutingInfo> first;
+  auto* first_pass_routing = &first;  // written only during checkpointed() below
+  auto fn = [impl = block.ptr(), first_pass_routing](const std::vector<torch::Tensor>& in, bool first_pass) {
+    std::vector<RoutingInfo> r;
+    auto y = impl->forward(in[0], RotaryTables{in[1], in[2]}, r);
+    std::vector<torch::Tensor> outs{y};
+    if (!r.empty()) {
+      outs.push_back(r[0].aux_loss);
+      outs.push_back(r[0].z_loss);
+    }
+    if (first_pass) *first_pass_routing = std::move(r);
+    return outs;
+  };
+  auto outs = checkpointed(fn, {x_BTD, rope.cos_TR, rope.sin_TR});
+  if (!first.empty()) {
+    first[0].aux_loss = outs[1];
+    first[0].z_loss = outs[2];
+    routing.push_back(std::move(first[0]));
+  }
+  return outs[0];
+}
+
+}  // namespace
+
+void TransformerImpl::set_activation_checkpointing(int64_t every) {
+  if (every < 0) throw Error("activation checkpointing: every must be >= 0 (0 = off), got " + std::to_string(every));
+  ac_every_ = every;
+}
+
+torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& tokens_BT, std::vector<RoutingInfo>& routing) {
   const int64_t T = tokens_BT.size(1);
   const auto rope = rotary_tables(T, mc_.d_model / mc_.n_heads, mc_.rope_theta, tokens_BT.device());
-
-  ModelOutput out;
   auto x_BTD = tok_emb(tokens_BT);
-  for (auto& block : blocks_) x_BTD = block(x_BTD, rope, out.routing);
-  x_BTD = final_norm(x_BTD);
-  out.logits_BTV = head ? head(x_BTD) : torch::nn::functional::linear(x_BTD, tok_emb->weight);
-
-  auto zero = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(tokens_BT.device()));
-  out.aux_loss = zero;
-  out.z_loss = zero;
-  for (const auto& r : out.routing) {
-    out.aux_loss = out.aux_loss + r.aux_loss;
-    out.z_loss = out.z_loss + r.z_loss;
+  const bool recompute = ac_every_ > 0 && torch::GradMode::is_enabled();
+  for (size_t l = 0; l < blocks_.size(); ++l) {
+    x_BTD = recompute && int64_t(l) % ac_every_ == 0 ? checkpointed_block(blocks_[l], x_BTD, rope, routing)
+                                                      : blocks_[l](x_BTD, rope, routing);
   }
+  return final_norm(x_BTD);
+}
+
+std::pair<torch::Tensor, torch::Tensor> router_losses(const std::vector<RoutingInfo>& routing,
+                                                      const torch::Device& device) {
+  auto aux = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat32).device(device));
+  auto z = aux;
+  for (const auto& r : routing) {
+    aux = aux + r.aux_loss;
+    z = z + r.z_loss;
+  }
+  return {aux, z};
+}
+
+ModelOutput TransformerImpl::forward(const torch::Tensor& tokens_BT) {
+  ModelOutput out;
+  auto x_BTD = hidden_states(tokens_BT, out.routing);
+  out.logits_BTV = head ? head(x_BTD) : torch::nn::functional::linear(x_BTD, tok_emb->weight);
+  std::tie(out.aux_loss, out.z_loss) = router_losses(out.routing, tokens_BT.device());
   return out;
 }
 

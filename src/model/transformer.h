@@ -47,6 +47,19 @@ class TransformerImpl : public torch::nn::Module {
   // (train()/eval() on this module; matters for Sinkhorn only).
   ModelOutput forward(const torch::Tensor& tokens_BT);
 
+  // Embedding → blocks → final norm: the [B, T, D] states the head reads.
+  // Appends each MoE layer's routing to `routing` (forward() and the fused-loss
+  // forward, model/fused_ce.h, both run through here).
+  torch::Tensor hidden_states(const torch::Tensor& tokens_BT, std::vector<RoutingInfo>& routing);
+
+  // Activation checkpointing (model/activation_checkpoint.h), a training-memory
+  // option: blocks l with l % every == 0 keep only their input for backward and
+  // are recomputed there (every = 1: all blocks, Megatron's "full"; 0: off).
+  // Losses and gradients are unchanged. Set by the trainer from
+  // train.activation_checkpointing(_every).
+  void set_activation_checkpointing(int64_t every);
+  int64_t activation_checkpointing() const { return ac_every_; }
+
   const ModelConfig& config() const { return mc_; }
   std::vector<int64_t> moe_layer_indices() const;
   // The router of each MoE layer, in moe_layer_indices() order.
@@ -64,7 +77,13 @@ class TransformerImpl : public torch::nn::Module {
  private:
   ModelConfig mc_;
   std::vector<Block> blocks_;  // typed view of `blocks`
+  int64_t ac_every_ = 0;
 };
+
+// Σ aux_loss and Σ z_loss over the MoE layers' routing (0-d fp32 zeros on
+// `device` for a dense model).
+std::pair<torch::Tensor, torch::Tensor> router_losses(const std::vector<RoutingInfo>& routing,
+                                                      const torch::Device& device);
 TORCH_MODULE(Transformer);
 
 }  // namespace moecpt::model

@@ -231,6 +231,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   // --- model and optimizer ----------------------------------------------------
   model::Transformer m(cfg.model, cfg.router);
   m->to(dev);
+  m->set_activation_checkpointing(cfg.train.recompute_every());
   auto optimizer = make_adamw(*m, cfg.optim);
   int64_t start_step = 0;
   json resumed_state = json::object();
