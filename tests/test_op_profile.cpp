@@ -45,6 +45,24 @@ TEST(OpProfile, CountsCallsAndSeparatesSelfFromChildTime) {
   EXPECT_NE(text.find("op (by self CPU time)"), std::string::npos);
 }
 
+TEST(OpProfile, DeviceTimesOnAGpu) {
+  // CPU-only profiles carry no device time…
+  auto a = torch::randn({64, 64});
+  for (const auto& o : train::profile_ops([&] { a = torch::mm(a, a); })) EXPECT_EQ(o.device_self_us, 0.0) << o.name;
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the device-time part runs on a GPU machine";
+  // …on a GPU, a large matmul's kernel time shows up under aten::mm, and the
+  // table switches to device time.
+  auto g = torch::randn({2048, 2048}, torch::kCUDA);
+  torch::mm(g, g);  // warm-up (cuBLAS handle)
+  auto ops = train::profile_ops([&] { g = torch::mm(g, g) * 1e-3; }, /*device_times=*/true);
+  const auto* mm = find(ops, "aten::mm");
+  ASSERT_TRUE(mm);
+  EXPECT_GT(mm->device_self_us, 10.0);  // 17 GFLOP: well over 10 µs on any GPU
+  EXPECT_GE(mm->device_total_us + 1e-9, mm->device_self_us);
+  EXPECT_EQ(ops.front().name, "aten::mm");  // sorted by device self time
+  EXPECT_NE(train::format_op_table(ops, 1.0, 3, mm->device_total_us).find("self device time"), std::string::npos);
+}
+
 TEST(OpProfile, BenchTrainProfileListsTheMoEPhases) {
   const std::string path = std::string(MOECPT_SOURCE_DIR) + "/recipes/mini/granular-aux.toml";
   auto r = moecpt::testing::run_moecpt("bench train --config " + path +

@@ -229,19 +229,24 @@ void run_bench_train(const BenchOptions& o) {
   // --profile N: one more step, untimed, under the op profiler (its own
   // overhead makes the step slower; read the shares, not the absolute sum).
   std::vector<train::OpStat> ops;
-  double profiled_us = 0;
+  double profiled_us = 0, profiled_device_us = 0;
   if (o.profile > 0) {
     const auto t0 = std::chrono::steady_clock::now();
-    ops = train::profile_ops([&] {
-      step();
-      sync(dev);
-    });
+    ops = train::profile_ops(
+        [&] {
+          step();
+          sync(dev);
+        },
+        /*device_times=*/dev.is_cuda());
     profiled_us = 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (const auto& op : ops) profiled_device_us += op.device_self_us;  // telescopes to the ops' GPU span
   }
   const double final_loss = loss.item<double>();
   const auto calls_after = model::expert_gemm_calls();
   const int64_t grouped_calls = calls_after.grouped - calls_before.grouped;
   const int64_t loop_calls = calls_after.loop - calls_before.loop;
+  const auto* fused_opt = dynamic_cast<const FusedAdamW*>(opt.get());
+  const std::string optimizer_path = fused_opt ? fused_opt->last_path() : "loop";
   const std::string expert_path = mc.ffn != "moe"          ? "none"
                                   : grouped_calls && loop_calls ? "mixed"
                                   : grouped_calls              ? "grouped"
@@ -287,6 +292,7 @@ void run_bench_train(const BenchOptions& o) {
       {"batch_sequences", B},
       {"accum_micro_batches", accum},
       {"activation_checkpointing_every", model->activation_checkpointing()},
+      {"optimizer", std::string("AdamW, ") + optimizer_path},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
       {"steps", o.steps},
@@ -315,8 +321,9 @@ void run_bench_train(const BenchOptions& o) {
     nlohmann::json rows = nlohmann::json::array();
     for (size_t i = 0; i < ops.size() && i < size_t(o.profile); ++i)
       rows.push_back({{"op", ops[i].name}, {"calls", ops[i].calls}, {"self_ms", ops[i].self_us / 1e3},
-                      {"total_ms", ops[i].total_us / 1e3}});
-    j["profile"] = {{"profiled_step_ms", profiled_us / 1e3}, {"ops", rows}};
+                      {"total_ms", ops[i].total_us / 1e3}, {"device_self_ms", ops[i].device_self_us / 1e3},
+                      {"device_total_ms", ops[i].device_total_us / 1e3}});
+    j["profile"] = {{"profiled_step_ms", profiled_us / 1e3}, {"device_ms", profiled_device_us / 1e3}, {"ops", rows}};
   }
   if (o.json) {
     std::cout << j.dump(2) << "\n";
@@ -331,6 +338,7 @@ void run_bench_train(const BenchOptions& o) {
   std::printf("  device: %s%s, dtype %s, %d threads, %s head\n", device_name.c_str(),
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
               o.unfused_head ? "unfused" : "fused");
+  std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
                 (long long)model->activation_checkpointing());
@@ -351,8 +359,13 @@ void run_bench_train(const BenchOptions& o) {
   if (gpu_mib >= 0) std::printf("  GPU memory in use after the steps: %.0f MiB\n", gpu_mib);
   std::printf("  peak RSS: %.0f MiB; final loss %.4f\n", peak_rss_mib(), final_loss);
   if (o.profile > 0) {
-    std::printf("  profile of one extra step (%.1f ms with the profiler on; self%% of that):\n", profiled_us / 1e3);
-    std::fputs(train::format_op_table(ops, profiled_us, size_t(o.profile)).c_str(), stdout);
+    if (profiled_device_us > 0)
+      std::printf("  profile of one extra step (%.1f ms with the profiler on, %.1f ms of it on the GPU; self%% of "
+                  "the GPU time):\n",
+                  profiled_us / 1e3, profiled_device_us / 1e3);
+    else
+      std::printf("  profile of one extra step (%.1f ms with the profiler on; self%% of that):\n", profiled_us / 1e3);
+    std::fputs(train::format_op_table(ops, profiled_us, size_t(o.profile), profiled_device_us).c_str(), stdout);
   }
 }
 

@@ -1,7 +1,5 @@
 #include "train/op_profile.h"
 
-#include <torch/csrc/autograd/profiler_legacy.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <map>
@@ -9,7 +7,18 @@
 #include "core/error.h"
 #include "core/pch.h"
 
+// The legacy profiler is deprecated in LibTorch 2.x (still shipped as of the
+// versions we build against); without it, --profile is a clear error.
+#if __has_include(<torch/csrc/autograd/profiler_legacy.h>)
+#include <torch/csrc/autograd/profiler_legacy.h>
+#define MOECPT_HAVE_LEGACY_PROFILER 1
+#else
+#define MOECPT_HAVE_LEGACY_PROFILER 0
+#endif
+
 namespace moecpt::train {
+
+#if MOECPT_HAVE_LEGACY_PROFILER
 
 namespace {
 namespace prof = torch::autograd::profiler;
@@ -19,7 +28,14 @@ using torch::profiler::impl::ProfilerState;
 struct Open {
   const prof::LegacyEvent* push;
   double child_us = 0;
+  double child_device_us = 0;
 };
+
+// GPU time between two events' CUDA events; 0 where none was recorded.
+double device_elapsed_us(const prof::LegacyEvent& from, const prof::LegacyEvent& to) {
+  if (!from.hasCuda() || !to.hasCuda()) return 0.0;
+  return from.cudaElapsedUs(to);
+}
 
 // One thread's push/pop events → per-name calls, self and total time. Pops
 // close the innermost open range (RecordFunction ranges nest per thread).
@@ -35,20 +51,28 @@ void aggregate(const std::vector<prof::LegacyEvent>& events, std::map<std::strin
       Open o = stack.back();
       stack.pop_back();
       const double dur = o.push->cpuElapsedUs(ev);
+      const double dev = device_elapsed_us(*o.push, ev);
       auto& s = by_name[o.push->name()];
       s.name = o.push->name();
       ++s.calls;
       s.self_us += dur - o.child_us;
-      if (--open_count[s.name] == 0) s.total_us += dur;
-      if (!stack.empty()) stack.back().child_us += dur;
+      s.device_self_us += dev - o.child_device_us;
+      if (--open_count[s.name] == 0) {
+        s.total_us += dur;
+        s.device_total_us += dev;
+      }
+      if (!stack.empty()) {
+        stack.back().child_us += dur;
+        stack.back().child_device_us += dev;
+      }
     }
   }
 }
 }  // namespace
 
-std::vector<OpStat> profile_ops(const std::function<void()>& fn) {
+std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_times) {
   if (prof::profilerEnabled()) throw Error("profile_ops: a profiler is already running");
-  prof::enableProfilerLegacy(ProfilerConfig(ProfilerState::CPU));
+  prof::enableProfilerLegacy(ProfilerConfig(device_times ? ProfilerState::CUDA : ProfilerState::CPU));
   prof::thread_event_lists lists;
   try {
     fn();
@@ -61,13 +85,34 @@ std::vector<OpStat> profile_ops(const std::function<void()>& fn) {
   for (const auto& l : lists) aggregate(l, by_name);
   std::vector<OpStat> out;
   for (auto& [_, s] : by_name) out.push_back(s);
-  std::sort(out.begin(), out.end(), [](const OpStat& a, const OpStat& b) { return a.self_us > b.self_us; });
+  std::sort(out.begin(), out.end(), [&](const OpStat& a, const OpStat& b) {
+    return device_times ? a.device_self_us > b.device_self_us : a.self_us > b.self_us;
+  });
   return out;
 }
 
-std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit) {
+#else
+std::vector<OpStat> profile_ops(const std::function<void()>&, bool) {
+  throw Error("--profile: this LibTorch has no legacy profiler (torch/csrc/autograd/profiler_legacy.h)");
+}
+#endif
+
+std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit, double device_us) {
   std::string s;
   char line[256];
+  if (device_us > 0) {
+    std::snprintf(line, sizeof line, "  %-42s %7s %10s %6s %10s %10s\n", "op (by self device time)", "calls",
+                  "dev self ms", "self%", "dev tot ms", "cpu self ms");
+    s += line;
+    for (size_t i = 0; i < ops.size() && i < limit; ++i) {
+      const auto& o = ops[i];
+      std::snprintf(line, sizeof line, "  %-42.42s %7lld %10.2f %5.1f%% %10.2f %10.2f\n", o.name.c_str(),
+                    (long long)o.calls, o.device_self_us / 1e3, 100.0 * o.device_self_us / device_us,
+                    o.device_total_us / 1e3, o.self_us / 1e3);
+      s += line;
+    }
+    return s;
+  }
   std::snprintf(line, sizeof line, "  %-42s %7s %10s %6s %10s\n", "op (by self CPU time)", "calls", "self ms", "self%",
                 "total ms");
   s += line;

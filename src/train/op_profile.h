@@ -16,14 +16,22 @@ struct OpStat {
   int64_t calls = 0;
   double self_us = 0;   // time inside this op minus its child ops
   double total_us = 0;  // time inside this op (outermost occurrence only, no double counting of recursion)
+  // With device times (CUDA): GPU time between the CUDA events recorded at the
+  // op's start and end on the current stream, i.e. of the kernels it queued
+  // (the stream runs them in order); 0 when not measured.
+  double device_self_us = 0;
+  double device_total_us = 0;
 };
 
 // Runs fn once with the profiler on (this thread and tasks it launches) and
 // returns the ops sorted by self time, largest first. Throws moecpt::Error if a
-// profiler is already running.
-std::vector<OpStat> profile_ops(const std::function<void()>& fn);
+// profiler is already running. device_times: also record CUDA events around
+// every op (a CUDA build on a GPU; the ops are then sorted by device self time),
+// which adds a little overhead per op.
+std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_times = false);
 
-// The table as text: the top `limit` rows by self time, with shares of `wall_us`.
-std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit);
+// The table as text: the top `limit` rows by self time, with shares of `wall_us`
+// (of the device time instead, with device_us > 0, and a device column).
+std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit, double device_us = 0);
 
 }  // namespace moecpt::train
