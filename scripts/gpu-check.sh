@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # One bounded check of the GPU path on a CUDA machine with PyTorch installed
 # (docs/performance.md "GPU"). In order, each step under `timeout`, skipped when
-# the remaining budget is too small:
+# the remaining budget is too small (most important first):
 #   1. nvidia-smi, PyTorch / CUDA versions
 #   2. configure against the LibTorch of python3's torch, build `moecpt`
-#   3. `moecpt bench moe-layer` on the paper Granular-Sinkhorn layer: both
-#      expert-GEMM paths, timed, outputs and gradients compared (bf16 vs fp32)
-#   4. `moecpt bench train` on recipes/paper/{granular-sinkhorn,granular-aux,
-#      switch-aux,dense}.toml, --device cuda --dtype bfloat16, both expert-GEMM
-#      path for the MoEs, the per-expert loop for Granular-Sinkhorn (all MoEs
-#      with ALL_LOOPS=1), gradient accumulation 4, a larger batch
-#   5. build the test suite and run it (ctest -j16 --timeout 120) with what is left
+#   3. `moecpt bench train` on recipes/paper/{granular-sinkhorn,dense}.toml,
+#      --device cuda --dtype bfloat16 (fused AdamW, grouped expert GEMMs)
+#   4. the same Granular step with LibTorch's AdamW loop (MOECPT_FUSED_ADAMW=0)
+#      and with activation checkpointing at twice the batch
+#   5. one profiled step each of dense and Granular-Sinkhorn (`--profile`:
+#      GPU time per op from CUDA events)
+#   6. `moecpt bench moe-layer` (both expert-GEMM paths, compared); the other
+#      MoE recipes; the per-expert loop (ALL_LOOPS=1 for all); accumulation 4
+#   7. build the test suite and run it (ctest -j16 --timeout 120) with what is
+#      left; the failed tests are rerun with their output ($OUT/tests-failed.log)
 # Results: $OUT/results.jsonl (one JSON object per bench run, tagged), logs
 # $OUT/run.log (this output), $OUT/build.log, $OUT/tests.log.
 #
@@ -19,7 +22,9 @@
 # Debian packages' headers, libraries and CMake files, made on the dev machine
 # with `scripts/gpu-check.sh --stage-deps` (the folder is git-ignored).
 #
-#   OUT=/tmp/out BUDGET_S=470 BATCH=8 STEPS=8 LAYERS=0 SKIP_TESTS=0 scripts/gpu-check.sh
+#   OUT=/tmp/out BUDGET_S=470 BATCH=8 STEPS=8 LAYERS=0 SKIP_TESTS=0 OPENMP=ON scripts/gpu-check.sh
+# (OPENMP=OFF: build moecpt's CPU kernels without OpenMP, if the wheel's own
+# libgomp and the system's ever clash.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -73,7 +78,7 @@ elif [ ! -e /usr/include/gtest/gtest.h ]; then
   EXTRA+=(-DMOECPT_BUILD_TESTS=OFF)  # no GoogleTest: the benchmarks only
 fi
 timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECPT_USE_CCACHE=OFF \
-  -DMOECPT_BUILD_BENCH=OFF -DCMAKE_PREFIX_PATH="$PREFIX" "${EXTRA[@]}" >"$OUT/build.log" 2>&1 \
+  -DMOECPT_BUILD_BENCH=OFF -DMOECPT_OPENMP="${OPENMP:-ON}" -DCMAKE_PREFIX_PATH="$PREFIX" "${EXTRA[@]}" >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; log "configure FAILED"; exit 2; }
 grep -E "toml\+\+|Found Torch|CUDA" "$OUT/build.log" | head -5
 timeout 330 cmake --build "$BUILD" -j"$JOBS" --target moecpt >>"$OUT/build.log" 2>&1 \
@@ -114,47 +119,62 @@ PY
   rm -f "$OUT/cur.json" "$OUT/cur.err"
 }
 
-log "3. one MoE layer, both expert-GEMM paths"
-bench moe-layer-granular "$((60))" bench moe-layer --config recipes/paper/granular-sinkhorn.toml --device cuda \
-  --tokens $((BATCH * 2048)) --reps 10
-bench moe-layer-switch 45 bench moe-layer --config recipes/paper/switch-aux.toml --device cuda \
-  --tokens $((BATCH * 2048)) --reps 10
-
-log "4. training steps, paper recipes, bf16"
 LFLAG=(); [ "$LAYERS" -gt 0 ] && LFLAG=(--layers "$LAYERS")
 COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmup 2 "${LFLAG[@]}")
-bench granular-sinkhorn-grouped 90 bench train --config recipes/paper/granular-sinkhorn.toml "${COMMON[@]}" --expert-gemm grouped
+G=recipes/paper/granular-sinkhorn.toml
+log "3. training steps, paper recipes, bf16"
+bench granular-sinkhorn-grouped 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
 bench dense 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+log "4. optimizer A/B; activation checkpointing at twice the batch"
+MOECPT_FUSED_ADAMW=0 bench granular-sinkhorn-grouped-adamw-loop 90 bench train --config $G "${COMMON[@]}" \
+  --expert-gemm grouped
+bench granular-sinkhorn-grouped-ac-b2x 120 bench train --config $G --device cuda --dtype bfloat16 \
+  --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
+  --set train.activation_checkpointing=full
+log "5. one profiled step (GPU time per op)"
+bench dense-profile 75 bench train --config recipes/paper/dense.toml --device cuda --dtype bfloat16 \
+  --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 40
+bench granular-sinkhorn-profile 75 bench train --config $G --device cuda --dtype bfloat16 \
+  --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped --profile 40
+python3 - "$OUT/results.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    p = r.get("result", {}).get("profile")
+    if not p: continue
+    print(f"  {r['tag']}: {p['device_ms']:.1f} ms GPU; top ops by GPU self time:")
+    for o in p["ops"][:15]:
+        print(f"    {o['op'][:40]:40s} {o['calls']:6d} {o['device_self_ms']:9.2f} ms")
+PY
+log "6. one MoE layer (both expert-GEMM paths); the other recipes"
+bench moe-layer-granular 60 bench moe-layer --config $G --device cuda --tokens $((BATCH * 2048)) --reps 10
 bench granular-aux-grouped 90 bench train --config recipes/paper/granular-aux.toml "${COMMON[@]}" --expert-gemm grouped
 bench switch-aux-grouped 90 bench train --config recipes/paper/switch-aux.toml "${COMMON[@]}" --expert-gemm grouped
-bench granular-sinkhorn-loop 90 bench train --config recipes/paper/granular-sinkhorn.toml "${COMMON[@]}" --expert-gemm loop
+bench granular-sinkhorn-loop 90 bench train --config $G "${COMMON[@]}" --expert-gemm loop
 # The optimizer and clip once per 4 micro-batches (gradient accumulation, as the
 # paper's 1024-sequence steps would run): MFU without most of their share.
-bench granular-sinkhorn-grouped-accum4 90 bench train --config recipes/paper/granular-sinkhorn.toml "${COMMON[@]}" \
-  --expert-gemm grouped --accum 4
+bench granular-sinkhorn-grouped-accum4 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped --accum 4
 if [ "${ALL_LOOPS:-0}" = 1 ]; then
+  bench moe-layer-switch 45 bench moe-layer --config recipes/paper/switch-aux.toml --device cuda \
+    --tokens $((BATCH * 2048)) --reps 10
   bench granular-aux-loop 90 bench train --config recipes/paper/granular-aux.toml "${COMMON[@]}" --expert-gemm loop
   bench switch-aux-loop 90 bench train --config recipes/paper/switch-aux.toml "${COMMON[@]}" --expert-gemm loop
 fi
-# A larger batch where the card has the memory (H200: 141 GB), else fewer layers.
-MEM_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
-if [ "${MEM_MIB:-0}" -gt 120000 ]; then
-  bench granular-sinkhorn-grouped-b2x 90 bench train --config recipes/paper/granular-sinkhorn.toml --device cuda \
-    --dtype bfloat16 --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped
-else
-  bench granular-sinkhorn-grouped-12l-b2x 90 bench train --config recipes/paper/granular-sinkhorn.toml --device cuda \
-    --dtype bfloat16 --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 --layers 12 --expert-gemm grouped
-fi
-
-log "5. test suite (CPU maths) with what is left: $(left)s"
+log "7. test suite (CPU maths) with what is left: $(left)s"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then
   log "skipped the test suite (SKIP_TESTS=1)"
 elif [ "$(left)" -gt 150 ] && [ -d "$TP" -o -e /usr/include/gtest/gtest.h ]; then
   if timeout $(( $(left) - 90 )) cmake --build "$BUILD" -j"$JOBS" --target moecpt_tests >>"$OUT/build.log" 2>&1; then
     log "tests built; running"
     timeout $(( $(left) - 5 )) ctest --test-dir "$BUILD" -j"$JOBS" --timeout 120 >"$OUT/tests.log" 2>&1
-    log "ctest rc $?"
+    rc=$?
+    log "ctest rc $rc"
     grep -E "tests passed|tests failed|\*\*\*Failed|Timeout|Not Run" "$OUT/tests.log" | head -30
+    if [ "$rc" != 0 ] && [ "$(left)" -gt 30 ]; then
+      timeout $(( $(left) - 10 )) ctest --test-dir "$BUILD" --rerun-failed --output-on-failure --timeout 120 \
+        >"$OUT/tests-failed.log" 2>&1
+      tail -c 6000 "$OUT/tests-failed.log"
+    fi
   else
     grep -E "error" "$OUT/build.log" | head -20
     log "test build failed or ran out of time"

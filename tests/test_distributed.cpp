@@ -563,6 +563,22 @@ TEST(Distributed, ExpertParallelTwoRanksEqualOneProcessGranularTopKWithSharedExp
   expert_parallel_equals_one_process("--set model.n_experts=8 --set model.expert_hidden=8 --set model.top_k=2");
 }
 
+// Activation checkpointing under expert (and data) parallelism: a recomputed
+// block redoes its all-to-alls inside the backward, on every rank in the same
+// order; training must still equal one process without recomputation.
+TEST(Distributed, ExpertParallelWithActivationCheckpointingEqualsOneProcess) {
+  Fixture f("moe");
+  const std::string model = "--set model.n_experts=8 --set model.expert_hidden=8 --set model.top_k=2";
+  auto one = testing::run_moecpt(f.train_args("one", model));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  auto two = testing::run_moecpt("launch --nproc 2 -- " +
+                                 f.train_args("two", model + " --set parallel.expert_parallel=2"
+                                                             " --set train.activation_checkpointing=full"));
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  expect_learning(f.dir / "one/metrics.jsonl");
+  expect_same_training(f.dir / "one/metrics.jsonl", f.dir / "two/metrics.jsonl", 20, 1e-5);
+}
+
 // Checkpoints do not depend on the layout: 2 EP ranks → 1 process, and 1 process → 2 EP ranks.
 TEST(Distributed, ExpertParallelCheckpointsMoveBetweenLayouts) {
   Fixture f("moe");

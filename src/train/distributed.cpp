@@ -160,7 +160,13 @@ std::shared_ptr<Group> Group::subgroup(const std::vector<int>& ranks, const std:
   return g;
 }
 
-Group::~Group() = default;
+Group::~Group() {
+  // After a failed collective the backend's worker threads may still be stuck
+  // in the exchange with the dead or hung peer, and its destructor would wait
+  // for them, keeping this rank from exiting with its error. Leak it instead:
+  // the process is about to end anyway.
+  if (failed_ && pg_) (void)pg_.release();
+}
 
 std::string Group::backend() const { return pg_ ? pg_->getBackendName() : "none"; }
 
@@ -168,6 +174,7 @@ void Group::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
   try {
     work->wait(collective_timeout());
   } catch (const std::exception& e) {
+    failed_ = true;
     throw Error("rank " + std::to_string(rank()) + " of " + std::to_string(size()) + ": " + what +
                 " failed — another rank died or stopped answering (timeout " +
                 std::to_string(collective_timeout().count() / 1000) +
@@ -186,6 +193,7 @@ void Group::allreduce_sum(torch::Tensor& t, const char* what) {
   try {
     w = pg_->allreduce(v);
   } catch (const std::exception& e) {
+    failed_ = true;
     throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
   }
   wait(w, what);
@@ -204,6 +212,7 @@ void Group::broadcast(std::vector<torch::Tensor>& tensors, int root, const char*
   try {
     w = pg_->broadcast(tensors, o);
   } catch (const std::exception& e) {
+    failed_ = true;
     throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
   }
   wait(w, what);
@@ -220,6 +229,7 @@ void Group::alltoall(torch::Tensor& out, torch::Tensor& in, std::vector<int64_t>
   try {
     w = pg_->alltoall_base(out, in, out_splits, in_splits);
   } catch (const std::exception& e) {
+    failed_ = true;
     throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
   }
   wait(w, what);
@@ -233,6 +243,7 @@ std::vector<torch::Tensor> Group::allgather(const torch::Tensor& t, const char* 
   try {
     w = pg_->allgather(out, in);
   } catch (const std::exception& e) {
+    failed_ = true;
     throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
   }
   wait(w, what);

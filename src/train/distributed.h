@@ -84,6 +84,7 @@ class Group {
   c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
                                                             int size) const;
   Env env_;
+  bool failed_ = false;  // a collective failed: ~Group leaks pg_ (see there)
   c10::intrusive_ptr<c10d::Store> store_;  // the job's TCPStore (subgroups rendezvous through it)
   torch::Device device_{torch::kCPU};
 #if TORCH_VERSION_MAJOR >= 2
