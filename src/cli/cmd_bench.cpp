@@ -293,6 +293,7 @@ void run_bench_train(const BenchOptions& o) {
       {"accum_micro_batches", accum},
       {"activation_checkpointing_every", model->activation_checkpointing()},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
+      {"cpu_fast_bf16_matmul", compat::cpu_has_fast_bf16_matmul()},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
       {"steps", o.steps},
@@ -339,6 +340,8 @@ void run_bench_train(const BenchOptions& o) {
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
               o.unfused_head ? "unfused" : "fused");
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
+  if (dev.is_cpu() && dtype == "bfloat16" && !compat::cpu_has_fast_bf16_matmul())
+    std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
                 (long long)model->activation_checkpointing());

@@ -5,6 +5,10 @@
 #include <ATen/autocast_mode.h>
 #include <dlfcn.h>
 
+#include <fstream>
+#include <sstream>
+#include <string>
+
 #include "model/torch_compat.h"
 
 namespace moecpt::compat {
@@ -31,6 +35,32 @@ inline bool autocast_enabled(const torch::Device& device) {
 #else
   return device.is_cpu() ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
 #endif
+}
+
+// Whether LibTorch's CPU bf16 matmuls have a fast kernel on this machine, as
+// far as we can tell: 1.13 sends them to oneDNN only on x86 CPUs with AVX-512
+// (BW, VL and DQ); elsewhere a scalar fallback runs them. Measured on the
+// AVX2-only dev VM (python3-torch 1.13, one thread): 4–5 GFLOP/s in bf16 vs
+// 100–118 in fp32, and a bf16-autocast training step 11× slower than fp32
+// (docs/performance.md). True when unknown (not x86, no /proc/cpuinfo).
+inline bool cpu_has_fast_bf16_matmul() {
+#if defined(__x86_64__)
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line);
+    std::string w;
+    bool bw = false, vl = false, dq = false;
+    while (words >> w) {
+      bw = bw || w == "avx512bw";
+      vl = vl || w == "avx512vl";
+      dq = dq || w == "avx512dq";
+    }
+    return bw && vl && dq;
+  }
+#endif
+  return true;
 }
 
 }  // namespace moecpt::compat

@@ -17,6 +17,7 @@
 #include "data/shard.h"
 #include "model/flops.h"
 #include "model/fused_ce.h"
+#include "model/fused_runtime.h"
 #include "model/moe_expert_parallel.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
@@ -232,6 +233,9 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   model::Transformer m(cfg.model, cfg.router);
   m->to(dev);
   m->set_activation_checkpointing(cfg.train.recompute_every());
+  if (dev.is_cpu() && cfg.run.dtype == "bfloat16" && !compat::cpu_has_fast_bf16_matmul())
+    log::warn("run.dtype = bfloat16 on a CPU without AVX-512: LibTorch's bf16 matmuls run a slow fallback here "
+              "(a bf16 step measured 11x slower than float32 on an AVX2 machine; docs/performance.md)");
   auto optimizer = make_adamw(*m, cfg.optim);
   int64_t start_step = 0;
   json resumed_state = json::object();
