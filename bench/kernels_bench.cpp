@@ -15,7 +15,7 @@
 
 #include "model/fused_ce.h"
 #include "model/moe.h"
-#include "model/fused_runtime.h"
+#include "model/torch_compat.h"
 
 using namespace moecpt;
 

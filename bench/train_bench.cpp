@@ -14,7 +14,7 @@
 
 #include "core/config.h"
 #include "model/fused_ce.h"
-#include "model/fused_runtime.h"
+#include "model/torch_compat.h"
 #include "model/transformer.h"
 #include "train/optimizer.h"
 
@@ -36,7 +36,7 @@ double peak_rss_mib() {
 void BM_TrainStep(benchmark::State& state, const std::string& recipe) {
   const int64_t threads = env_int("MOECPT_BENCH_THREADS", std::max(1u, std::thread::hardware_concurrency()));
   torch::set_num_threads(int(threads));
-  compat::set_blas_threads(1);  // see model/fused_runtime.h
+  compat::set_blas_threads(1);  // see model/torch_compat.h
   const auto cfg = load_config(std::string(MOECPT_SOURCE_DIR) + "/recipes/mini/" + recipe + ".toml");
   const auto& mc = cfg.model;
   const int64_t batch = env_int("MOECPT_BENCH_BATCH", 0);  // 0 = the recipe's

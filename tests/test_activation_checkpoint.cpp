@@ -92,8 +92,9 @@ void expect_same(const StepResult& a, const StepResult& b, const std::string& wh
   for (const auto& [name, g] : a.grads) {
     const auto& h = b.grads.at(name);
     ASSERT_EQ(g.defined(), h.defined()) << what << " " << name;
-    if (g.defined()) EXPECT_TRUE(torch::equal(g, h)) << what << " " << name << ": max |diff| "
-                                                     << (g - h).abs().max().item<double>();
+    if (g.defined()) {
+      EXPECT_TRUE(torch::equal(g, h)) << what << " " << name << ": max |diff| " << (g - h).abs().max().item<double>();
+    }
   }
   ASSERT_EQ(a.counts.size(), b.counts.size()) << what;
   for (size_t i = 0; i < a.counts.size(); ++i) EXPECT_TRUE(torch::equal(a.counts[i], b.counts[i])) << what;

@@ -202,6 +202,29 @@ TEST(TrainE2E, ActivationCheckpointingTrainsBitIdentically) {
   EXPECT_LT(plain.back(), plain.front() - 0.5);
 }
 
+TEST(TrainE2E, MetricsWriteFailureStopsNamingTheFile) {
+  // A full disk, simulated with a file-size limit (ulimit -f; SIGXFSZ ignored
+  // so the write fails with EFBIG instead of killing the process): the run
+  // must stop with the metrics file named, not go on losing lines.
+  testing::TempDir dir;
+  write_domain(dir / "d0", 1);
+  write_domain(dir / "d1", 3);
+  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  const std::string cmd = "bash -c 'ulimit -f 16; trap \"\" XFSZ; exec " + std::string(MOECPT_BINARY) +
+                          " train -c " + (dir / "pt.toml") + " --set run.out_dir=\"" + (dir / "run") +
+                          "\" --set train.steps=5000 --set train.eval_every=0' 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int status = ::pclose(p);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 1) << out;
+  EXPECT_NE(out.find("metrics.jsonl: cannot write metrics"), std::string::npos) << out.substr(out.size() > 3000 ? out.size() - 3000 : 0);
+}
+
 TEST(TrainE2E, NonFiniteLossStopsNamingTheLastCheckpoint) {
   testing::TempDir dir;
   write_domain(dir / "d0", 1);

@@ -35,7 +35,7 @@
 #include "core/error.h"
 #include "model/flops.h"
 #include "model/fused_ce.h"
-#include "model/fused_runtime.h"
+#include "model/torch_compat.h"
 #include "model/grouped_gemm.h"
 #include "model/moe.h"
 #include "model/transformer.h"

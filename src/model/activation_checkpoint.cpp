@@ -1,7 +1,7 @@
 #include "model/activation_checkpoint.h"
 
 #include "core/error.h"
-#include "model/fused_runtime.h"  // compat::Autocast, autocast_enabled
+#include "model/torch_compat.h"
 
 namespace moecpt::model {
 

@@ -2,7 +2,6 @@
 
 #include "core/error.h"
 #include "model/causal_attention.h"
-#include "model/fused_runtime.h"  // autocast_enabled
 #include "model/threaded_linear.h"
 #include "model/torch_compat.h"
 

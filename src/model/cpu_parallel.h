@@ -1,5 +1,5 @@
 // moecpt's own CPU kernels split their work over ATen's intra-op threads, each
-// thread calling single-threaded BLAS (model/fused_runtime.h keeps OpenBLAS at
+// thread calling single-threaded BLAS (model/torch_compat.h keeps OpenBLAS at
 // one thread): the fused head's row chunks (fused_ce.cpp), expert groups and
 // FFN rows (expert_ffn.cpp), the attention projections (threaded_linear.cpp).
 // This is the one file that calls at::parallel_for, which for an OpenMP

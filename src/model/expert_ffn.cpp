@@ -5,7 +5,7 @@
 
 #include "core/error.h"
 #include "model/cpu_parallel.h"
-#include "model/fused_runtime.h"  // autocast_enabled, NoAutocast
+#include "model/torch_compat.h"
 
 namespace moecpt::model {
 
@@ -57,7 +57,7 @@ struct Item {
 //           own dL/dW accumulator (split = true), summed afterwards.
 // On the CPU with several intra-op threads, not inside a parallel region; each
 // thread runs its items with single-threaded matmuls (the CPU policy of
-// model/fused_runtime.h: one BLAS thread). Elsewhere one thread does all.
+// model/torch_compat.h: one BLAS thread). Elsewhere one thread does all.
 struct Plan {
   std::vector<std::vector<Item>> per_thread;
   bool split = false;

@@ -4,7 +4,7 @@
 
 #include "core/error.h"
 #include "model/cpu_parallel.h"
-#include "model/fused_runtime.h"
+#include "model/torch_compat.h"
 
 namespace moecpt::model {
 
@@ -25,7 +25,7 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
 
     const int64_t n_chunks = (N + chunk_rows - 1) / chunk_rows;
     // Chunks run in parallel on ATen's intra-op threads, each with its own
-    // single-threaded matmuls (the CPU policy of model/fused_runtime.h: one
+    // single-threaded matmuls (the CPU policy of model/torch_compat.h: one
     // BLAS thread), loss and dL/dW accumulator, summed at the end: on 2 vCPUs
     // thin [rows, D] × [D, V] matmuls scale better this way than inside BLAS.
     // On a GPU, or inside another parallel region, one thread runs them all.

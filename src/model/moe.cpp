@@ -4,7 +4,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
-#include "model/fused_runtime.h"  // torch_compat.h + autocast_enabled
+#include "model/torch_compat.h"
 #include "model/expert_ffn.h"
 #include "model/grouped_gemm.h"
 #include "model/moe_expert_parallel.h"

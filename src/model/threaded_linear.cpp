@@ -1,7 +1,7 @@
 #include "model/threaded_linear.h"
 
 #include "model/cpu_parallel.h"
-#include "model/fused_runtime.h"  // autocast_enabled
+#include "model/torch_compat.h"
 
 namespace moecpt::model {
 

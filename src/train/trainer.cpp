@@ -17,7 +17,6 @@
 #include "data/shard.h"
 #include "model/flops.h"
 #include "model/fused_ce.h"
-#include "model/fused_runtime.h"
 #include "model/moe_expert_parallel.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
@@ -334,14 +333,29 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     write_file_atomic(metrics_path, "");
   }
   std::ofstream metrics;
-  if (root) metrics.open(metrics_path, std::ios::app);
+  if (root) {
+    metrics.open(metrics_path, std::ios::app);
+    if (!metrics) throw file_error(metrics_path, "cannot open for appending");
+  }
+  // Every metrics line goes through here (rank 0): a failed write (disk full,
+  // quota) stops the run naming the file instead of silently losing lines.
+  auto write_metrics = [&](const json& line, bool flush) {
+    if (!root) return;
+    metrics << line.dump() << "\n";
+    if (flush) metrics.flush();
+    if (!metrics) throw file_error(metrics_path, "cannot write metrics (disk full?)");
+  };
+  auto flush_metrics = [&] {
+    if (!root) return;
+    metrics.flush();
+    if (!metrics) throw file_error(metrics_path, "cannot write metrics (disk full?)");
+  };
 
   PhaseSummary summary;
   auto run_eval = [&](int64_t step) {
     std::map<std::string, EvalResult> res;
     for (const auto& [name, batches] : val_sets) res[name] = evaluate(m, batches, dev, group.get(), ep != nullptr);
-    json line = {{"step", step}, {"kind", "eval"}, {"eval", eval_json(res)}};
-    metrics << line.dump() << "\n" << std::flush;
+    write_metrics(json{{"step", step}, {"kind", "eval"}, {"eval", eval_json(res)}}, /*flush=*/true);
     std::string msg = "eval @" + std::to_string(step) + ":";
     for (const auto& [name, e] : res) msg += " " + name + "=" + fmt(e.loss);
     log::info(msg);
@@ -373,7 +387,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   auto checkpoint = [&](int64_t step) {
     const std::string dir = step_dir(out, step);
     check_in_sync();
-    if (root) metrics.flush();  // every line up to this step is on disk before the checkpoint exists (SIGKILL-safe resume)
+    flush_metrics();  // every line up to this step is on disk before the checkpoint exists (SIGKILL-safe resume)
     save(dir, optimizer.get(), step);
     if (!root) return dir;
     auto all = step_checkpoints(out);
@@ -535,7 +549,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       line["sinkhorn_error"] = sk_error;
       line["mri_ideal"] = double(cfg.model.top_k) / double(cfg.model.n_experts);
     }
-    metrics << line.dump() << "\n";
+    write_metrics(line, /*flush=*/false);
     if (step % cfg.train.log_every == 0 || step == cfg.train.steps) {
       const double el = std::chrono::duration<double>(now - t_loop).count();
       const double tps = double((step - start_step) * tokens_per_step) / el;
@@ -555,7 +569,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     if (cfg.train.checkpoint_every > 0 && step % cfg.train.checkpoint_every == 0 && step < cfg.train.steps)
       last_good = checkpoint(step);
   }
-  metrics.flush();
+  flush_metrics();
   summary.steps = step;
   if (step < cfg.train.steps) {
     const std::string dir = checkpoint(step);
