@@ -96,16 +96,8 @@ TEST(Optimizer, FusedAdamWEqualsLibTorchsLoopAndSharesItsState) {
     torch::manual_seed(3);
     Toy m;
     for (auto& q : m.parameters()) q.set_data(q.data().to(torch::kFloat32));
-    const auto o = optim_config();
-    std::vector<torch::Tensor> decay{m.w}, no_decay{m.norm, m.tok_emb};
-    auto opts = [&](double wd) {
-      return std::make_unique<torch::optim::AdamWOptions>(
-          torch::optim::AdamWOptions(o.lr).betas({o.beta1, o.beta2}).eps(o.eps).weight_decay(wd));
-    };
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.emplace_back(decay, opts(o.weight_decay));
-    groups.emplace_back(no_decay, opts(0.0));
-    FusedAdamW opt(groups, torch::optim::AdamWOptions(o.lr), mode);
+    auto made = make_adamw(m, optim_config(), mode);
+    auto& opt = dynamic_cast<FusedAdamW&>(*made);
     if (!load_from.empty()) {
       std::istringstream is(load_from);
       torch::serialize::InputArchive a;

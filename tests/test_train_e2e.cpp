@@ -47,6 +47,23 @@ validation = ["d0", "d1"]
 )";
 }
 
+// Trains the tiny recipe for 12 steps into dir/name with extra --set values;
+// returns the per-step training losses from its metrics.jsonl.
+std::vector<double> train_tiny_losses(const testing::TempDir& dir, const std::string& name,
+                                      std::vector<std::string> sets) {
+  sets.push_back("run.out_dir=\"" + (dir / name) + "\"");
+  sets.push_back("train.steps=12");
+  train(load_config(dir / "pt.toml", sets));
+  std::vector<double> losses;
+  std::ifstream in(dir / (name + "/metrics.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j["kind"] == "train") losses.push_back(j["loss"].get<double>());
+  }
+  return losses;
+}
+
 TEST(TrainE2E, PretrainThenContinueWithReplay) {
   testing::TempDir dir;
   write_domain(dir / "d0", 1);
@@ -151,19 +168,7 @@ TEST(TrainE2E, MicroBatchesMatchTheFullBatchAndBf16Trains) {
   write_domain(dir / "d0", 1);
   write_domain(dir / "d1", 3);
   testing::write_text(dir / "pt.toml", tiny_recipe(dir));
-  auto run = [&](const std::string& name, std::vector<std::string> sets) {
-    sets.push_back("run.out_dir=\"" + (dir / name) + "\"");
-    sets.push_back("train.steps=12");
-    train(load_config(dir / "pt.toml", sets));
-    std::vector<double> losses;
-    std::ifstream in(dir / (name + "/metrics.jsonl"));
-    std::string line;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line);
-      if (j["kind"] == "train") losses.push_back(j["loss"].get<double>());
-    }
-    return losses;
-  };
+  auto run = [&](const std::string& name, std::vector<std::string> sets) { return train_tiny_losses(dir, name, sets); };
   // Gradient accumulation over 4 micro-batches of 2 = one batch of 8 (up to fp32 rounding;
   // dense so that the per-micro-batch aux loss does not enter).
   auto full = run("full", {"model.ffn=dense"}), accum = run("accum", {"model.ffn=dense", "train.micro_batch_size=2"});
@@ -182,19 +187,7 @@ TEST(TrainE2E, ActivationCheckpointingTrainsBitIdentically) {
   write_domain(dir / "d0", 1);
   write_domain(dir / "d1", 3);
   testing::write_text(dir / "pt.toml", tiny_recipe(dir));
-  auto run = [&](const std::string& name, std::vector<std::string> sets) {
-    sets.push_back("run.out_dir=\"" + (dir / name) + "\"");
-    sets.push_back("train.steps=12");
-    train(load_config(dir / "pt.toml", sets));
-    std::vector<double> losses;
-    std::ifstream in(dir / (name + "/metrics.jsonl"));
-    std::string line;
-    while (std::getline(in, line)) {
-      auto j = nlohmann::json::parse(line);
-      if (j["kind"] == "train") losses.push_back(j["loss"].get<double>());
-    }
-    return losses;
-  };
+  auto run = [&](const std::string& name, std::vector<std::string> sets) { return train_tiny_losses(dir, name, sets); };
   auto plain = run("plain", {});
   auto recompute = run("recompute", {"train.activation_checkpointing=\"full\""});
   ASSERT_EQ(plain.size(), 12u);

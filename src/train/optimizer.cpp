@@ -104,7 +104,8 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   return loss;
 }
 
-std::unique_ptr<torch::optim::AdamW> make_adamw(torch::nn::Module& model, const OptimConfig& o) {
+std::unique_ptr<torch::optim::AdamW> make_adamw(torch::nn::Module& model, const OptimConfig& o,
+                                                FusedAdamW::Mode mode) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.named_parameters()) {
     if (!p.value().requires_grad()) continue;
@@ -118,7 +119,7 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(torch::nn::Module& model, const 
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, opts(o.weight_decay));
   groups.emplace_back(no_decay, opts(0.0));
-  return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(o.lr));
+  return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(o.lr), mode);
 }
 
 void set_learning_rate(torch::optim::Optimizer& opt, double lr) {

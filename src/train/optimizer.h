@@ -8,8 +8,6 @@
 
 namespace moecpt {
 
-std::unique_ptr<torch::optim::AdamW> make_adamw(torch::nn::Module& model, const OptimConfig& o);
-
 // LibTorch's AdamW whose step() runs as one fused multi-tensor kernel per
 // parameter group (at::_fused_adamw_, LibTorch >= 2.4) instead of ~6 kernels
 // per parameter: on a GPU the optimizer was ~48 ms of a 378 ms paper-scale
@@ -34,6 +32,11 @@ class FusedAdamW : public torch::optim::AdamW {
   Mode mode_;
   const char* last_path_ = "none";
 };
+
+// The run's optimizer: FusedAdamW (kAuto unless told) over two groups, the
+// decayed matrices and the rest.
+std::unique_ptr<torch::optim::AdamW> make_adamw(torch::nn::Module& model, const OptimConfig& o,
+                                                FusedAdamW::Mode mode = FusedAdamW::Mode::kAuto);
 
 // Set the learning rate of every parameter group.
 void set_learning_rate(torch::optim::Optimizer& opt, double lr);
