@@ -13,27 +13,17 @@
 #include "model/fused_ce.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
+#include "test_models.h"
 
 using namespace moecpt;
 using namespace moecpt::model;
 
 namespace {
 
+// Three blocks, so that every = 2 and 3 recompute some blocks and keep others.
 ModelConfig small_model(const std::string& ffn) {
-  ModelConfig mc;
-  mc.vocab_size = 64;
-  mc.d_model = 16;
+  auto mc = moecpt::testing::tiny_model_config(ffn);
   mc.n_layers = 3;
-  mc.n_heads = 2;
-  mc.seq_len = 10;
-  mc.ffn_hidden = 24;
-  mc.ffn = ffn;
-  if (ffn == "moe") {
-    mc.n_experts = 4;
-    mc.n_shared_experts = 1;
-    mc.top_k = 2;
-    mc.expert_hidden = 8;
-  }
   return mc;
 }
 
@@ -215,6 +205,24 @@ TEST(ActivationCheckpointing, KeepsOnlyTheBlockInputsInTheGraph) {
   const auto half_nodes = graph_nodes(half_out.lm_loss);
   EXPECT_EQ(count(half_nodes, "Recompute"), 2);
   EXPECT_EQ(count(half_nodes, "ExpertFFNLoop"), 2);
+}
+
+TEST(ActivationCheckpointing, FrozenEmbeddingStillTrainsTheBlocks) {
+  // The first block's input then needs no gradient; the recomputed block must
+  // still be part of the graph (a dummy input that does) so its parameters
+  // get theirs.
+  torch::manual_seed(10);
+  auto tokens = torch::randint(64, {2, 11}, torch::kInt64);
+  auto in = tokens.narrow(1, 0, 10), tgt = tokens.narrow(1, 1, 10);
+  const auto mc = small_model("moe");
+  const auto rc = router_of("topk");
+  auto plain = make_model(mc, rc, 0), ac = make_model(mc, rc, 1);
+  plain->tok_emb->weight.requires_grad_(false);
+  ac->tok_emb->weight.requires_grad_(false);
+  const auto ref = step(plain, in, tgt, true), got = step(ac, in, tgt, true);
+  EXPECT_FALSE(got.grads.at("tok_emb.weight").defined());
+  ASSERT_TRUE(got.grads.at("blocks.0.attn.qkv.weight").defined());
+  expect_same(ref, got, "frozen embedding");
 }
 
 TEST(ActivationCheckpointing, EvaluationWithoutGradRunsThePlainBlocks) {

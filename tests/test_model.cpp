@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "gradcheck.h"
+#include "test_models.h"
 
 #include <ATen/autocast_mode.h>
 
@@ -22,23 +23,7 @@ using namespace moecpt::model;
 
 namespace {
 
-ModelConfig tiny_config(const std::string& ffn) {
-  ModelConfig mc;
-  mc.vocab_size = 64;
-  mc.d_model = 16;
-  mc.n_layers = 2;
-  mc.n_heads = 2;
-  mc.seq_len = 12;
-  mc.ffn_hidden = 24;
-  mc.ffn = ffn;
-  if (ffn == "moe") {
-    mc.n_experts = 4;
-    mc.n_shared_experts = 1;
-    mc.top_k = 2;
-    mc.expert_hidden = 8;
-  }
-  return mc;
-}
+using moecpt::testing::tiny_model_config;
 
 torch::Tensor act(const std::string& name, const torch::Tensor& x) {
   return name == "geglu" ? torch::gelu(x) : torch::silu(x);
@@ -62,7 +47,7 @@ class ModelMoEDropless : public ::testing::TestWithParam<MoECase> {};
 
 TEST_P(ModelMoEDropless, MatchesNaivePerTokenLoop) {
   const auto c = GetParam();
-  auto mc = tiny_config("moe");
+  auto mc = tiny_model_config("moe");
   mc.n_experts = c.E;
   mc.top_k = c.k;
   mc.n_shared_experts = c.S;
@@ -120,7 +105,7 @@ INSTANTIATE_TEST_SUITE_P(ModelMoE, ModelMoEDropless,
                          });
 
 TEST(ModelMoE, GradientsMatchFiniteDifferences) {
-  auto mc = tiny_config("moe");
+  auto mc = tiny_model_config("moe");
   mc.d_model = 6;
   mc.n_experts = 3;
   mc.top_k = 2;
@@ -288,7 +273,7 @@ TEST(ModelAttention, ThreadedCausalAttentionMatchesReference) {
 // reference implementation; the CUDA kernel is compared by `moecpt bench
 // moe-layer` on a GPU). Builds without it refuse the forced mode by name.
 TEST(ModelMoE, ExpertGemmPathsAgree) {
-  auto mc = tiny_config("moe");
+  auto mc = tiny_model_config("moe");
   mc.n_experts = 5;
   mc.top_k = 2;
   mc.expert_hidden = 8;  // multiples of 8: _grouped_mm's 16-byte rows
@@ -355,7 +340,7 @@ TEST(ModelAttention, RotaryKeepsNormsAndIsRelative) {
 
 TEST(ModelTransformer, FutureTokensDoNotChangeEarlierLogits) {
   for (const std::string router : {"none", "topk", "sinkhorn", "bias"}) {
-    auto mc = tiny_config(router == "none" ? "dense" : "moe");
+    auto mc = tiny_model_config(router == "none" ? "dense" : "moe");
     RouterConfig rc;
     if (router != "none") rc.type = router;
     torch::manual_seed(6);
@@ -372,7 +357,7 @@ TEST(ModelTransformer, FutureTokensDoNotChangeEarlierLogits) {
 }
 
 TEST(ModelTransformer, OutputsAndRoutingPerMoELayer) {
-  auto mc = tiny_config("moe");
+  auto mc = tiny_model_config("moe");
   mc.n_layers = 4;
   mc.moe_every = 2;
   mc.norm = "layernorm";
@@ -390,7 +375,7 @@ TEST(ModelTransformer, OutputsAndRoutingPerMoELayer) {
   EXPECT_GT(out.z_loss.item<double>(), 0.0);
   EXPECT_FALSE(model->head);
 
-  Transformer dense(tiny_config("dense"), RouterConfig{});
+  Transformer dense(tiny_model_config("dense"), RouterConfig{});
   auto dout = dense(torch::randint(64, {1, 4}, torch::kInt64));
   EXPECT_TRUE(dout.routing.empty());
   EXPECT_EQ(dout.aux_loss.item<double>(), 0.0);
@@ -399,7 +384,7 @@ TEST(ModelTransformer, OutputsAndRoutingPerMoELayer) {
 
 TEST(ModelTransformer, Bf16AutocastKeepsRouterFp32) {
   torch::manual_seed(8);
-  Transformer model(tiny_config("moe"), RouterConfig{});
+  Transformer model(tiny_model_config("moe"), RouterConfig{});
   struct CpuAutocast {  // restores the global autocast state even if the forward throws
     CpuAutocast() {
       at::autocast::set_cpu_enabled(true);
@@ -422,7 +407,7 @@ TEST(ModelTransformer, Bf16AutocastKeepsRouterFp32) {
 
 TEST(ModelTransformer, FitsAToyBatchWithEveryRouter) {
   for (const std::string router : {"none", "topk", "sinkhorn", "bias"}) {
-    auto mc = tiny_config(router == "none" ? "dense" : "moe");
+    auto mc = tiny_model_config(router == "none" ? "dense" : "moe");
     RouterConfig rc;
     if (router != "none") rc.type = router;
     torch::manual_seed(9);
@@ -448,7 +433,7 @@ TEST(ModelTransformer, FitsAToyBatchWithEveryRouter) {
 }
 
 TEST(ModelTransformer, BiasRouterBufferIsCheckpointedNotTrained) {
-  auto mc = tiny_config("moe");
+  auto mc = tiny_model_config("moe");
   RouterConfig rc;
   rc.type = "bias";
   Transformer model(mc, rc);

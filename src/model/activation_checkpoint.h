@@ -13,6 +13,10 @@
 // used inside fn get their gradients accumulated during that rerun, exactly as
 // without checkpointing; the function returns the inputs' gradients.
 //
+// Like every reentrant scheme, the parameters' gradients are accumulated into
+// their .grad by the rerun: use loss.backward(), not torch::autograd::grad()
+// with the parameters as inputs (which would not see them).
+//
 // fn must be deterministic (same outputs from the same inputs: no dropout, no
 // data-dependent randomness; moecpt's blocks have none). On a GPU, atomics in
 // bf16 scatter-adds may make the rerun differ in the last bits, as in every
