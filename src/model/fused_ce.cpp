@@ -37,12 +37,25 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       loss_sum[t] = torch::zeros({}, x_ND.options().dtype(acc));
       if (need_grad) grad_w[t] = torch::zeros({V, w_VD.size(1)}, w_VD.options().dtype(acc));
     }
-    // One logits buffer per thread, reused by its chunks: a fresh [rows, V]
-    // tensor per chunk is a large allocation, and its page faults serialise
-    // the threads in the kernel (measured: two threads no faster than one).
-    std::vector<torch::Tensor> logits_buf(static_cast<size_t>(n_threads));
-    for (int64_t t = 0; t < n_threads; ++t) logits_buf[t] = torch::empty({std::min(chunk_rows, N), V}, x.options());
+    // One logits buffer and one probability buffer per thread, reused by its
+    // chunks: a fresh [rows, V] tensor per chunk is a large allocation, and
+    // its page faults serialise the threads in the kernel (measured: two
+    // threads no faster than one).
+    const int64_t buf_rows = std::min(chunk_rows, N);
+    std::vector<torch::Tensor> logits_buf(static_cast<size_t>(n_threads)), probs_buf(static_cast<size_t>(n_threads));
+    for (int64_t t = 0; t < n_threads; ++t) {
+      logits_buf[t] = torch::empty({buf_rows, V}, x.options());
+      probs_buf[t] = torch::empty({buf_rows, V}, x.options().dtype(acc));
+    }
     const double inv_n = 1.0 / double(N);
+    // Per chunk, besides the matmuls, a max (no exp) and one fused softmax
+    // over its [rows, V] logits (one exp per logit):
+    //   m, a = max_v logits              p = softmax(logits)
+    //   lse  = m − log p[a]              (p[a] ≥ 1/V: no underflow, unlike log p[target])
+    //   loss += Σ (lse − logits[target])
+    //   g    = p − onehot                (in place; one element per row)
+    // and the 1/N of the mean goes into the small products, not the big
+    // [rows, V] gradient: dx_c = (g W) / N, dW += gᵀ x_c / N (matmul alpha).
     auto run_chunk = [&](int64_t chunk, int64_t t) {
       const int64_t start = chunk * chunk_rows, n = std::min(chunk_rows, N - start);
       auto x_c = x.narrow(0, start, n);
@@ -50,26 +63,22 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       auto logits_mm = logits_buf[t].narrow(0, 0, n);
       at::mm_out(logits_mm, x_c, w.t());
       auto logits = logits_mm.to(acc);  // [n, V]; the buffer itself unless bf16
-      // lse = m + log Σ exp(logits − m), with the exponentials kept: they are
-      // the softmax numerators of the gradient (one exp pass, not two).
-      auto m = std::get<0>(logits.max(1, /*keepdim=*/true));
+      auto [m, arg_m] = logits.max(1, /*keepdim=*/true);
       auto target_logit = logits.gather(1, t_c);
-      logits.sub_(m).exp_();
-      auto sum = logits.sum(1, /*keepdim=*/true);
-      auto lse = m + sum.log();
+      auto p = probs_buf[t].narrow(0, 0, n);
+      at::_softmax_out(p, logits, 1, /*half_to_float=*/false);
+      auto lse = m - p.gather(1, arg_m).log();
       loss_sum[t] += (lse - target_logit).sum();
       if (!need_grad) return;
-      // logits becomes (softmax − onehot) / N in place: the gradient of the chunk's logits.
-      logits.mul_(sum.reciprocal_().mul_(inv_n));
-      logits.scatter_add_(1, t_c, torch::full({n, 1}, -inv_n, logits.options()));
-      auto g = logits.to(mm_dtype);
+      p.scatter_add_(1, t_c, torch::full({n, 1}, -1.0, p.options()));
       auto gx = grad_x.narrow(0, start, n);
       if (low_precision) {  // bf16 products, fp32 accumulators
-        gx.copy_(torch::mm(g, w));
-        grad_w[t].add_(torch::mm(g.t(), x_c));
+        auto g = p.to(mm_dtype);
+        gx.copy_(torch::mm(g, w)).mul_(inv_n);
+        grad_w[t].add_(torch::mm(g.t(), x_c), inv_n);
       } else {
-        at::mm_out(gx, g, w);
-        grad_w[t].addmm_(g.t(), x_c);
+        at::addmm_out(gx, gx, p, w, /*beta=*/0.0, /*alpha=*/inv_n);
+        grad_w[t].addmm_(p.t(), x_c, /*beta=*/1.0, /*alpha=*/inv_n);
       }
     };
     // Worker t takes the chunks [t·n/T, (t+1)·n/T): contiguous, balanced to one chunk.

@@ -2,9 +2,10 @@
 //
 //   loss = mean_n ( logsumexp_v (x_n · w_v) − x_n · w_{t_n} )
 //
-// The rows are processed in chunks (a few MiB of logits each): logits, log-sum-exp, loss, and — since the loss is a scalar — the
-// gradients dL/dx = (softmax − onehot) W / N and dL/dW = (softmax − onehot)ᵀ x / N,
-// all in the forward pass. backward() only scales them by the incoming gradient.
+// The rows are processed in chunks (a few MiB of logits each): logits, their
+// max and softmax (log-sum-exp from the softmax at the max), loss, and — since
+// the loss is a scalar — the gradients dL/dx = (softmax − onehot) W / N and
+// dL/dW = (softmax − onehot)ᵀ x / N, all in the forward pass. backward() only scales them by the incoming gradient.
 // This removes the eager path's full-size log_softmax, its backward, the
 // NLL-backward zero fill and ~3 × N·V·4 bytes of memory traffic and peak memory
 // (N·V = 2048 × 8192 = 64 MiB per copy on the mini models).
