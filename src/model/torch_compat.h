@@ -42,10 +42,11 @@ inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tenso
 inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
 #if MOECPT_TORCH_AT_LEAST(2, 4)
   return at::rms_norm(x, {x.size(-1)}, weight, eps).to(x.scalar_type());
-#endif
+#else
   auto xf = x.to(torch::kFloat32);
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
   return (y * weight.to(torch::kFloat32)).to(x.scalar_type());
+#endif
 }
 
 // RAII: ops inside run in the dtype of their inputs even under autocast (bf16).
