@@ -13,8 +13,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-void bmm_into(torch::Tensor out, const torch::Tensor& a, const torch::Tensor& b) { at::bmm_out(out, a, b); }
-
 class CausalAttention : public torch::autograd::Function<CausalAttention> {
  public:
   // q, k, v: [N, T, Dh] contiguous (N = B·H).

@@ -7,6 +7,8 @@
 #pragma once
 #include <cstdint>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/mm.h>
 
 #include <functional>
 #include <utility>
@@ -27,5 +29,10 @@ void run_workers(int64_t n_workers, const std::function<void(int64_t)>& fn);
 inline std::pair<int64_t, int64_t> share(int64_t n, int64_t workers, int64_t t) {
   return {n * t / workers, n * (t + 1) / workers};
 }
+
+// at::mm_out / at::bmm_out into a slice of a preallocated output (they want an
+// lvalue; a worker's share of the output is a temporary narrow()).
+inline void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+inline void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::bmm_out(out, a, b); }
 
 }  // namespace moecpt::model

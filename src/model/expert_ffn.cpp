@@ -94,9 +94,6 @@ void run_plan(const Plan& p, const std::function<void(const Item&, int64_t)>& fn
   });
 }
 
-// at::mm_out wants an lvalue; our outputs are slices of preallocated buffers.
-void mm_into(torch::Tensor out, const torch::Tensor& a, const torch::Tensor& b) { at::mm_out(out, a, b); }
-
 // a = act(h1) ⊙ h3, into `a` (h13 = [h1 | h3] along dim 1).
 void gated_forward(const torch::Tensor& h13, int64_t H, GatedActivation act, torch::Tensor& a) {
   auto h1 = h13.narrow(1, 0, H), h3 = h13.narrow(1, H, H);
@@ -159,7 +156,13 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
     // when experts' rows are split over threads, one accumulator per thread.
     const size_t n_acc = plan.split ? plan.per_thread.size() : 1;
     std::vector<torch::Tensor> dw2(n_acc), dw13(n_acc);
-    for (size_t t = 0; t < n_acc; ++t) dw2[t] = torch::zeros_like(w2), dw13[t] = torch::zeros_like(w13);
+    if (plan.split) {
+      for (size_t t = 0; t < n_acc; ++t) dw2[t] = torch::zeros_like(w2), dw13[t] = torch::zeros_like(w13);
+    } else {
+      dw2[0] = torch::empty_like(w2), dw13[0] = torch::empty_like(w13);
+      for (size_t e = 0; e < g.count.size(); ++e)
+        if (g.count[e] == 0) dw2[0][int64_t(e)].zero_(), dw13[0][int64_t(e)].zero_();
+    }
     auto da = torch::empty({S, H}, x.options()), dh13 = torch::empty({S, 2 * H}, x.options());
     auto dx = torch::empty({S, D}, x.options());
     run_plan(plan, [&](const Item& it, int64_t t) {

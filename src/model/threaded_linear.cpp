@@ -12,8 +12,6 @@ using torch::autograd::variable_list;
 
 constexpr int64_t kMinRowsPerWorker = 64;
 
-void mm_into(torch::Tensor out, const torch::Tensor& a, const torch::Tensor& b) { at::mm_out(out, a, b); }
-
 class ThreadedLinear : public torch::autograd::Function<ThreadedLinear> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_NI, const torch::Tensor& w_OI) {
@@ -39,8 +37,11 @@ class ThreadedLinear : public torch::autograd::Function<ThreadedLinear> {
     std::vector<torch::Tensor> dw(static_cast<size_t>(T));
     run_workers(T, [&](int64_t t) {
       const auto [lo, hi] = share(N, T, t);
-      dw[t] = torch::zeros_like(w);
-      if (hi == lo) return;
+      if (hi == lo) {
+        dw[t] = torch::zeros_like(w);
+        return;
+      }
+      dw[t] = torch::empty_like(w);  // written whole by the mm below
       auto dy_t = dy.narrow(0, lo, hi - lo);
       mm_into(dx.narrow(0, lo, hi - lo), dy_t, w);
       mm_into(dw[t], dy_t.t(), x.narrow(0, lo, hi - lo));
