@@ -247,6 +247,7 @@ void run_bench_train(const BenchOptions& o) {
   const int64_t loop_calls = calls_after.loop - calls_before.loop;
   const auto* fused_opt = dynamic_cast<const FusedAdamW*>(opt.get());
   const std::string optimizer_path = fused_opt ? fused_opt->last_path() : "loop";
+  const bool fast_bf16 = compat::cpu_has_fast_bf16_matmul();  // reads /proc/cpuinfo
   const std::string expert_path = mc.ffn != "moe"          ? "none"
                                   : grouped_calls && loop_calls ? "mixed"
                                   : grouped_calls              ? "grouped"
@@ -293,7 +294,7 @@ void run_bench_train(const BenchOptions& o) {
       {"accum_micro_batches", accum},
       {"activation_checkpointing_every", model->activation_checkpointing()},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
-      {"cpu_fast_bf16_matmul", compat::cpu_has_fast_bf16_matmul()},
+      {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
       {"steps", o.steps},
@@ -340,7 +341,7 @@ void run_bench_train(const BenchOptions& o) {
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
               o.unfused_head ? "unfused" : "fused");
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
-  if (dev.is_cpu() && dtype == "bfloat16" && !compat::cpu_has_fast_bf16_matmul())
+  if (dev.is_cpu() && dtype == "bfloat16" && !fast_bf16)
     std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",

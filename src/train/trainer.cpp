@@ -337,18 +337,21 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     metrics.open(metrics_path, std::ios::app);
     if (!metrics) throw file_error(metrics_path, "cannot open for appending");
   }
-  // Every metrics line goes through here (rank 0): a failed write (disk full,
-  // quota) stops the run naming the file instead of silently losing lines.
-  auto write_metrics = [&](const json& line, bool flush) {
-    if (!root) return;
-    metrics << line.dump() << "\n";
-    if (flush) metrics.flush();
+  // Every metrics line and flush goes through here (rank 0): a failed write
+  // (disk full, quota) stops the run naming the file instead of silently losing lines.
+  auto check_metrics = [&] {
     if (!metrics) throw file_error(metrics_path, "cannot write metrics (disk full?)");
   };
   auto flush_metrics = [&] {
     if (!root) return;
     metrics.flush();
-    if (!metrics) throw file_error(metrics_path, "cannot write metrics (disk full?)");
+    check_metrics();
+  };
+  auto write_metrics = [&](const json& line, bool flush) {
+    if (!root) return;
+    metrics << line.dump() << "\n";
+    if (flush) metrics.flush();
+    check_metrics();
   };
 
   PhaseSummary summary;
