@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <functional>
+#include <optional>
 #include <set>
 
 #include "core/config.h"
@@ -41,12 +42,15 @@ struct StepResult {
   std::vector<torch::Tensor> counts;  // tokens per expert, per MoE layer
 };
 
-// One forward + backward of lm + aux + z (fused head, or forward() + cross-entropy).
+// One forward + backward of lm + aux + z (fused head, or forward() + cross-entropy);
+// bf16: the forward under bf16 autocast, the backward outside it, as the trainer does.
 StepResult step(Transformer& m, const torch::Tensor& tokens, const torch::Tensor& targets, bool fused,
-                bool lm_only = false) {
+                bool lm_only = false, bool bf16 = false) {
   m->zero_grad();
   torch::Tensor lm, aux, z;
   std::vector<RoutingInfo> routing;
+  std::optional<compat::Autocast> autocast;
+  if (bf16) autocast.emplace(torch::kCPU);
   if (fused) {
     auto out = forward_loss(*m, tokens, targets);
     lm = out.lm_loss, aux = out.aux_loss, z = out.z_loss, routing = out.routing;
@@ -56,12 +60,20 @@ StepResult step(Transformer& m, const torch::Tensor& tokens, const torch::Tensor
                                    targets.reshape({-1}));
     aux = out.aux_loss, z = out.z_loss, routing = out.routing;
   }
+  autocast.reset();
   (lm_only ? lm : lm + aux + z).backward();
   StepResult r{lm.item<double>(), aux.item<double>(), z.item<double>(), {}, {}};
   for (const auto& p : m->named_parameters())
     r.grads[p.key()] = p.value().grad().defined() ? p.value().grad().clone() : torch::Tensor();
   for (const auto& ri : routing) r.counts.push_back(ri.tokens_per_expert_E.clone());
   return r;
+}
+
+// B random sequences of the small model's vocabulary: inputs and next-token targets, [B, 10].
+std::pair<torch::Tensor, torch::Tensor> random_batch(uint64_t seed, int64_t B) {
+  torch::manual_seed(seed);
+  auto tokens = torch::randint(64, {B, 11}, torch::kInt64);
+  return {tokens.narrow(1, 0, 10), tokens.narrow(1, 1, 10)};
 }
 
 Transformer make_model(const ModelConfig& mc, const RouterConfig& rc, int64_t every) {
@@ -107,9 +119,7 @@ std::vector<std::string> graph_nodes(const torch::Tensor& root) {
 }  // namespace
 
 TEST(ActivationCheckpointing, SameLossesGradientsAndRoutingAsWithout) {
-  torch::manual_seed(5);
-  auto tokens = torch::randint(64, {3, 11}, torch::kInt64);
-  auto in = tokens.narrow(1, 0, 10), tgt = tokens.narrow(1, 1, 10);
+  const auto [in, tgt] = random_batch(5, 3);
   for (const std::string ffn : {"dense", "moe"})
     for (const std::string router : {"topk", "sinkhorn", "bias"}) {
       if (ffn == "dense" && router != "topk") continue;
@@ -133,9 +143,7 @@ TEST(ActivationCheckpointing, RouterLossGradientsLeaveTheRecomputedBlocks) {
   // not, the router would get only the LM gradient. Check that that gradient
   // differs (so the test above can see a missing aux/z path) and that the
   // checkpointed model's router gradient is the full one.
-  torch::manual_seed(6);
-  auto tokens = torch::randint(64, {2, 11}, torch::kInt64);
-  auto in = tokens.narrow(1, 0, 10), tgt = tokens.narrow(1, 1, 10);
+  const auto [in, tgt] = random_batch(6, 2);
   const auto mc = small_model("moe");
   const auto rc = router_of("topk");
   auto plain = make_model(mc, rc, 0);
@@ -154,24 +162,12 @@ TEST(ActivationCheckpointing, RecomputesUnderTheForwardsBf16Autocast) {
   // The backward does not inherit the forward's autocast state; the rerun
   // must restore it, or it would compute the blocks in fp32 and give other
   // gradients (differences of bf16 size, ~1e-3).
-  torch::manual_seed(7);
-  auto tokens = torch::randint(64, {2, 11}, torch::kInt64);
-  auto in = tokens.narrow(1, 0, 10), tgt = tokens.narrow(1, 1, 10);
+  const auto [in, tgt] = random_batch(7, 2);
   const auto mc = small_model("moe");
   const auto rc = router_of("topk");
   auto run = [&](int64_t every) {
     auto m = make_model(mc, rc, every);
-    m->zero_grad();
-    torch::Tensor total;
-    {
-      compat::Autocast autocast(torch::kCPU);
-      auto out = forward_loss(*m, in, tgt);
-      total = out.lm_loss + out.aux_loss + out.z_loss;
-    }
-    total.backward();  // outside autocast, as the trainer does
-    std::map<std::string, torch::Tensor> g;
-    for (const auto& p : m->named_parameters()) g[p.key()] = p.value().grad().clone();
-    return g;
+    return step(m, in, tgt, /*fused=*/true, /*lm_only=*/false, /*bf16=*/true).grads;
   };
   const auto ref = run(0), ac = run(1);
   for (const auto& [name, g] : ref)
@@ -180,29 +176,25 @@ TEST(ActivationCheckpointing, RecomputesUnderTheForwardsBf16Autocast) {
 }
 
 TEST(ActivationCheckpointing, KeepsOnlyTheBlockInputsInTheGraph) {
-  torch::manual_seed(8);
-  auto tokens = torch::randint(64, {2, 11}, torch::kInt64);
-  auto in = tokens.narrow(1, 0, 10), tgt = tokens.narrow(1, 1, 10);
+  const auto [in, tgt] = random_batch(8, 2);
   const auto mc = small_model("moe");
   const auto rc = router_of("topk");
   auto count = [](const std::vector<std::string>& names, const std::string& part) {
     return std::count_if(names.begin(), names.end(), [&](const std::string& n) { return n.find(part) != std::string::npos; });
   };
-  auto plain = make_model(mc, rc, 0);
-  auto plain_out = forward_loss(*plain, in, tgt);
-  const auto plain_nodes = graph_nodes(plain_out.lm_loss + plain_out.aux_loss + plain_out.z_loss);
-  auto ac = make_model(mc, rc, 1);
-  auto ac_out = forward_loss(*ac, in, tgt);
-  const auto ac_nodes = graph_nodes(ac_out.lm_loss + ac_out.aux_loss + ac_out.z_loss);
+  auto nodes_with = [&](int64_t every) {  // the graph of lm + aux + z
+    auto m = make_model(mc, rc, every);
+    auto out = forward_loss(*m, in, tgt);
+    return graph_nodes(out.lm_loss + out.aux_loss + out.z_loss);
+  };
+  const auto plain_nodes = nodes_with(0), ac_nodes = nodes_with(1);
   EXPECT_EQ(count(plain_nodes, "Recompute"), 0);
   EXPECT_EQ(count(ac_nodes, "Recompute"), mc.n_layers);  // one node per block, nothing inside it
   EXPECT_EQ(count(ac_nodes, "ExpertFFNLoop"), 0);
   EXPECT_EQ(count(plain_nodes, "ExpertFFNLoop"), 2 * mc.n_layers);  // routed + shared experts
   EXPECT_LT(ac_nodes.size() * 3, plain_nodes.size()) << ac_nodes.size() << " vs " << plain_nodes.size();
   // every = 2 on 3 blocks: blocks 0 and 2 recomputed, block 1 kept.
-  auto half = make_model(mc, rc, 2);
-  auto half_out = forward_loss(*half, in, tgt);
-  const auto half_nodes = graph_nodes(half_out.lm_loss);
+  const auto half_nodes = nodes_with(2);
   EXPECT_EQ(count(half_nodes, "Recompute"), 2);
   EXPECT_EQ(count(half_nodes, "ExpertFFNLoop"), 2);
 }
@@ -211,9 +203,7 @@ TEST(ActivationCheckpointing, FrozenEmbeddingStillTrainsTheBlocks) {
   // The first block's input then needs no gradient; the recomputed block must
   // still be part of the graph (a dummy input that does) so its parameters
   // get theirs.
-  torch::manual_seed(10);
-  auto tokens = torch::randint(64, {2, 11}, torch::kInt64);
-  auto in = tokens.narrow(1, 0, 10), tgt = tokens.narrow(1, 1, 10);
+  const auto [in, tgt] = random_batch(10, 2);
   const auto mc = small_model("moe");
   const auto rc = router_of("topk");
   auto plain = make_model(mc, rc, 0), ac = make_model(mc, rc, 1);
