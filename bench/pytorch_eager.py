@@ -1,7 +1,9 @@
 #!/usr/bin/python3
 """The mini models of moecpt written as idiomatic PyTorch eager code, timed on the
 same training step as bench/train_bench.cpp: forward, LM + aux + z loss, backward,
-grad-norm clip, AdamW, on random tokens. For Debian's python3-torch (1.13, CPU).
+grad-norm clip, AdamW, on random tokens. For Debian's python3-torch (1.13, CPU), and
+for a CUDA PyTorch (`--device cuda`: bf16 autocast, scaled_dot_product_attention,
+fused AdamW: the peer of `moecpt bench train --device cuda`, scripts/gpu-check.sh).
 
 Same shapes and maths as src/model: RMSNorm (fp32), causal attention with RoPE
 (rotate-half), GeGLU MLP, untied head; MoE = fp32 linear router, softmax top-k with
@@ -9,6 +11,7 @@ aux + z loss (or Sinkhorn-balanced choice), dropless dispatch by a stable sort o
 the token slots, one matmul per expert group, index_add combine, shared experts.
 
   pytorch_eager.py granular-aux [--threads N] [--steps N] [--batch N] [--bf16]
+  pytorch_eager.py dense --recipes paper --device cuda --bf16 --batch 8 [--layers N]
 prints one JSON object: tokens_per_s and step_ms (median step), peak_rss_mib, ...
 """
 import argparse
@@ -51,9 +54,9 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
 
 
-def rotary(T, head_dim, theta):
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(T, dtype=torch.float32), inv_freq)
+def rotary(T, head_dim, theta, device):
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(T, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -73,10 +76,13 @@ class Attention(nn.Module):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # torch 1.13 has no scaled_dot_product_attention: the usual masked softmax.
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
-        y = scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+        if hasattr(F, "scaled_dot_product_attention"):  # torch >= 2.0: fused kernels
+            # (RoPE's fp32 cos/sin promote q, k under autocast: back to v's dtype)
+            y = F.scaled_dot_product_attention(q.to(v.dtype), k.to(v.dtype), v, is_causal=True)
+        else:  # torch 1.13: the usual masked softmax
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+            y = scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -95,7 +101,7 @@ def sinkhorn(logits, tol, max_iters, eps=1e-8):
     with torch.no_grad():
         C = torch.exp(logits - logits.max(-1, keepdim=True).values)
         T, E = C.shape
-        d0, d1 = torch.ones(T), torch.ones(E)
+        d0, d1 = logits.new_ones(T), logits.new_ones(E)
         for _ in range(max_iters):
             d0 = (1.0 / T) / (C @ d1 + eps)
             d1_new = (1.0 / E) / (C.t() @ d0 + eps)
@@ -124,7 +130,7 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         x = x.reshape(-1, D)
-        with torch.autocast("cpu", enabled=False):  # router in fp32 under bf16 autocast
+        with torch.autocast(x.device.type, enabled=False):  # router in fp32 under bf16 autocast
             logits = self.router(x.float())
         probs = logits.softmax(-1)
         zero = logits.new_zeros(())
@@ -186,7 +192,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def forward(self, tokens):
-        cos, sin = rotary(tokens.shape[1], self.m["d_model"] // self.m["n_heads"], self.m.get("rope_theta", 1e4))
+        cos, sin = rotary(tokens.shape[1], self.m["d_model"] // self.m["n_heads"], self.m.get("rope_theta", 1e4),
+                          tokens.device)
         x = self.tok_emb(tokens)
         aux_total, z_total = 0.0, 0.0
         for block in self.blocks:
@@ -197,7 +204,11 @@ class Transformer(nn.Module):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("recipe", help="name under recipes/mini/, e.g. granular-aux")
+    ap.add_argument("recipe", help="name under recipes/<--recipes>/, e.g. granular-aux")
+    ap.add_argument("--recipes", default="mini", help="recipe folder: mini (default) or paper")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--layers", type=int, default=0, help="override n_layers (0 = the recipe's)")
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=0, help="sequences (0 = the recipe's)")
@@ -206,21 +217,25 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = load_recipe(os.path.join(ROOT, "recipes", "mini", args.recipe + ".toml"))
+    cfg = load_recipe(os.path.join(ROOT, "recipes", args.recipes, args.recipe + ".toml"))
     m, r, o = cfg["model"], cfg.get("router", {}), cfg["optim"]
+    if args.layers > 0:
+        m["n_layers"] = args.layers
     B, T, V = args.batch or cfg["train"]["batch_size"], m["seq_len"], m["vocab_size"]
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
 
-    model = Transformer(m, r).train()
+    model = Transformer(m, r).to(dev).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tok_emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tok_emb" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o["lr"], betas=(o["beta1"], o["beta2"]))
-    tokens = torch.randint(V, (B, T + 1))
+                            lr=o["lr"], betas=(o["beta1"], o["beta2"]), **({"fused": True} if cuda else {}))
+    tokens = torch.randint(V, (B, T + 1), device=dev)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
             logits, aux, z = model(inputs)
         lm = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -229,8 +244,10 @@ def main():
         opt.step()
         return lm.item()
 
-    for _ in range(2):  # warm-up, as in train_bench.cpp
+    for _ in range(args.warmup):  # warm-up, as in train_bench.cpp
         step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, cpu = [], []
     for _ in range(args.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -240,13 +257,15 @@ def main():
     elapsed = sum(times)
     med = statistics.median(times)
     print(json.dumps({
-        "impl": "pytorch_eager", "model": args.recipe, "torch": torch.__version__,
+        "impl": "pytorch_eager", "model": args.recipe, "recipes": args.recipes, "device": args.device,
+        "n_layers": m["n_layers"], "torch": torch.__version__,
         "threads": args.threads, "batch_tokens": B * T, "steps": args.steps,
         "dtype": "bfloat16" if args.bf16 else "float32",
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
         "step_ms": 1000 * med, "step_ms_mean": 1000 * elapsed / args.steps,
         "cpu_ms_per_step": 1000 * statistics.median(cpu), "tokens_per_s": B * T / med,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss,
+        "gpu_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }))
 
 

@@ -6,6 +6,7 @@
 #include "core/error.h"
 #include "model/moe.h"
 #include "train/distributed.h"
+#include "train/optimizer.h"
 
 namespace moecpt::model {
 
@@ -51,13 +52,11 @@ struct AllToAllFn : public torch::autograd::Function<AllToAllFn> {
   }
 };
 
-std::string state_key(const torch::Tensor& p) { return c10::guts::to_string(p.unsafeGetTensorImpl()); }
-
 torch::optim::AdamWParamState* adamw_state(torch::optim::Optimizer* opt, const torch::Tensor& p) {
   if (!opt) return nullptr;
-  auto it = opt->state().find(state_key(p));
-  if (it == opt->state().end()) return nullptr;
-  auto* s = dynamic_cast<torch::optim::AdamWParamState*>(it->second.get());
+  auto* state = find_param_state(*opt, p);
+  if (!state) return nullptr;
+  auto* s = dynamic_cast<torch::optim::AdamWParamState*>(state);
   if (!s) throw Error("expert parallel: sharding the optimizer state supports AdamW only");
   return s;
 }

@@ -111,8 +111,8 @@ std::shared_ptr<Group> Group::create(const Env& env, const torch::Device& device
 // The backend choice, explicit: CPU tensors → Gloo; CUDA tensors → NCCL when
 // compiled in (MOECPT_WITH_NCCL; never built or run on the machines this was
 // developed on, so untested), else a clear refusal.
-c10::intrusive_ptr<c10d::ProcessGroup> Group::make_process_group(const c10::intrusive_ptr<c10d::Store>& store,
-                                                                 int rank, int size) const {
+c10::intrusive_ptr<Group::Backend> Group::make_process_group(const c10::intrusive_ptr<c10d::Store>& store,
+                                                             int rank, int size) const {
   const auto timeout = collective_timeout();
   if (device_.is_cuda()) {
 #ifdef MOECPT_WITH_NCCL

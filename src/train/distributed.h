@@ -81,17 +81,18 @@ class Group {
 
  private:
   Group() = default;
-  c10::intrusive_ptr<c10d::ProcessGroup> make_process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
-                                                            int size) const;
+#if TORCH_VERSION_MAJOR >= 2
+  using Backend = c10d::Backend;  // LibTorch 2.x: ProcessGroupGloo/NCCL derive from Backend
+#else
+  using Backend = c10d::ProcessGroup;
+#endif
+  c10::intrusive_ptr<Backend> make_process_group(const c10::intrusive_ptr<c10d::Store>& store, int rank,
+                                                 int size) const;
   Env env_;
   bool failed_ = false;  // a collective failed: ~Group leaks pg_ (see there)
   c10::intrusive_ptr<c10d::Store> store_;  // the job's TCPStore (subgroups rendezvous through it)
   torch::Device device_{torch::kCPU};
-#if TORCH_VERSION_MAJOR >= 2
-  c10::intrusive_ptr<c10d::Backend> pg_;  // LibTorch 2.x: ProcessGroupGloo/NCCL derive from Backend
-#else
-  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
-#endif
+  c10::intrusive_ptr<Backend> pg_;
 };
 
 // Copy rank 0's parameters and buffers to every rank (one broadcast per dtype).

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <map>
+#include <sstream>
 #include <type_traits>
 
 #include "core/error.h"
@@ -11,17 +12,27 @@ namespace moecpt {
 
 namespace {
 
-// The optimizer's state map is keyed by the parameter's TensorImpl, as a
-// string in LibTorch <= 2.x releases we built against, as void* in newer ones.
+// The optimizer's state map is keyed by the parameter's TensorImpl: as its
+// address printed to a string in LibTorch 1.13 (what c10::guts::to_string
+// gave), as void* in 2.x.
 template <class Map>
 typename Map::key_type state_key(const Map&, const torch::Tensor& p) {
-  if constexpr (std::is_same_v<typename Map::key_type, std::string>)
-    return c10::guts::to_string(p.unsafeGetTensorImpl());
-  else
+  if constexpr (std::is_same_v<typename Map::key_type, std::string>) {
+    std::ostringstream os;
+    os << static_cast<const void*>(p.unsafeGetTensorImpl());
+    return os.str();
+  } else {
     return static_cast<typename Map::key_type>(p.unsafeGetTensorImpl());
+  }
 }
 
 }  // namespace
+
+torch::optim::OptimizerParamState* find_param_state(torch::optim::Optimizer& opt, const torch::Tensor& p) {
+  auto& states = opt.state();
+  auto it = states.find(state_key(states, p));
+  return it == states.end() ? nullptr : it->second.get();
+}
 
 FusedAdamW::FusedAdamW(const std::vector<torch::optim::OptimizerParamGroup>& groups,
                        torch::optim::AdamWOptions defaults, Mode mode)

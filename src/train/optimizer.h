@@ -38,6 +38,11 @@ class FusedAdamW : public torch::optim::AdamW {
 std::unique_ptr<torch::optim::AdamW> make_adamw(torch::nn::Module& model, const OptimConfig& o,
                                                 FusedAdamW::Mode mode = FusedAdamW::Mode::kAuto);
 
+// The state LibTorch's optimizer keeps for parameter `p`; nullptr before its
+// first step. (Its map is keyed by the TensorImpl: as a string in LibTorch 1.13,
+// as void* in 2.x; this hides which.)
+torch::optim::OptimizerParamState* find_param_state(torch::optim::Optimizer& opt, const torch::Tensor& p);
+
 // Set the learning rate of every parameter group.
 void set_learning_rate(torch::optim::Optimizer& opt, double lr);
 
