@@ -26,7 +26,8 @@
 # with `scripts/gpu-check.sh --stage-deps` (the folder is git-ignored).
 #
 #   OUT=/tmp/out BUDGET_S=470 BATCH=8 STEPS=8 LAYERS=0 EXTRA=1 SKIP_TESTS=0 OPENMP=ON scripts/gpu-check.sh
-# (EXTRA=0 skips step 7, which repeats what the first GPU run measured.)
+# (EXTRA=0 skips step 7, which repeats what the first GPU run measured; AB=1 runs
+# only the A/B block below instead of 3-7; TESTS_REGEX limits step 8 (ctest -R).)
 # (OPENMP=OFF: build moecpt's CPU kernels without OpenMP, if the wheel's own
 # libgomp and the system's ever clash.)
 set -uo pipefail
@@ -162,6 +163,22 @@ PY
 LFLAG=(); [ "$LAYERS" -gt 0 ] && LFLAG=(--layers "$LAYERS")
 COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmup 2 "${LFLAG[@]}")
 G=recipes/paper/granular-sinkhorn.toml
+if [ "${AB:-0}" = 1 ]; then
+  # A short A/B of the fused head's GPU chunking (MOECPT_CE_CHUNK_ROWS=256 is
+  # the old default) on dense and Granular, then checkpointing at 2x batch and
+  # one dense profile with the new default; sections 3-7 are skipped.
+  log "A/B: fused-head chunk rows (default vs 256)"
+  bench dense-ce-default 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+  MOECPT_CE_CHUNK_ROWS=256 bench dense-ce-256 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+  bench granular-sinkhorn-ce-default 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
+  MOECPT_CE_CHUNK_ROWS=256 bench granular-sinkhorn-ce-256 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
+  bench dense-ce-default-2 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+  bench granular-sinkhorn-ac-b2x 90 bench train --config $G --device cuda --dtype bfloat16 \
+    --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
+    --set train.activation_checkpointing=full
+  bench dense-profile 60 bench train --config recipes/paper/dense.toml --device cuda --dtype bfloat16 \
+    --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 40
+else
 log "3. training steps, paper recipes, bf16"
 bench granular-sinkhorn-grouped 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
 bench dense 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
@@ -208,6 +225,7 @@ fi
 else
   log "7. skipped (EXTRA=0)"
 fi
+fi  # AB
 log "8. test suite (CPU maths) with what is left: $(left)s"
 if [ "${SKIP_TESTS:-0}" = 1 ]; then
   log "skipped the test suite (SKIP_TESTS=1)"
@@ -217,7 +235,8 @@ elif [ "$(left)" -gt 60 ]; then
   wait "$TESTS_BUILD"
   if tail -1 "$OUT/build-tests.log" | grep -q "^rc 0$"; then
     log "tests built; running"
-    timeout $(( $(left) - 5 )) ctest --test-dir "$BUILD" -j"$JOBS" --timeout 120 >"$OUT/tests.log" 2>&1
+    TR=(); [ -n "${TESTS_REGEX:-}" ] && TR=(-R "$TESTS_REGEX")
+    timeout $(( $(left) - 5 )) ctest --test-dir "$BUILD" -j"$JOBS" --timeout 120 "${TR[@]}" >"$OUT/tests.log" 2>&1
     rc=$?
     log "ctest rc $rc"
     grep -E "tests passed|tests failed|\*\*\*Failed|Timeout|Not Run" "$OUT/tests.log" | head -30

@@ -4,6 +4,7 @@
 
 #include "gradcheck.h"
 
+#include "core/error.h"
 #include "model/fused_ce.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
@@ -120,4 +121,30 @@ TEST(FusedLinearCrossEntropy, TransformerForwardLossEqualsLogitsPath) {
     for (size_t i = 0; i < params.size(); ++i)
       EXPECT_TRUE(torch::allclose(params[i].grad(), ref_grads[i], 1e-9, 1e-12)) << "param " << i << " tied " << tied;
   }
+}
+
+TEST(FusedLinearCrossEntropy, ChunkRowsFollowTheDeviceAndTheOverride) {
+  ::unsetenv("MOECPT_CE_CHUNK_ROWS");
+  // CPU: 2^21 logits per chunk, at least 256 rows; GPU: 2^28 logits (1 GiB fp32).
+  EXPECT_EQ(default_ce_chunk_rows(torch::kCPU, 8192), 256);
+  EXPECT_EQ(default_ce_chunk_rows(torch::kCPU, 1024), 2048);
+  EXPECT_EQ(default_ce_chunk_rows(torch::Device(torch::kCUDA, 0), 128256), (int64_t(1) << 28) / 128256);
+  EXPECT_EQ(default_ce_chunk_rows(torch::Device(torch::kCUDA, 0), 1 << 22), 256);
+  ::setenv("MOECPT_CE_CHUNK_ROWS", "7", 1);
+  EXPECT_EQ(default_ce_chunk_rows(torch::kCPU, 8192), 7);
+  // the override changes only how the rows are split, not the loss
+  torch::manual_seed(5);
+  auto x = torch::randn({37, 8}, torch::kFloat64), w = torch::randn({29, 8}, torch::kFloat64);
+  auto t = torch::randint(29, {37}, torch::kInt64);
+  EXPECT_NEAR(fused_linear_cross_entropy(x, w, t).item<double>(), reference_ce(x, w, t).item<double>(), 1e-12);
+  for (const char* bad : {"0", "-3", "12x", "many"}) {
+    ::setenv("MOECPT_CE_CHUNK_ROWS", bad, 1);
+    try {
+      default_ce_chunk_rows(torch::kCPU, 8192);
+      ADD_FAILURE() << "accepted MOECPT_CE_CHUNK_ROWS=" << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("MOECPT_CE_CHUNK_ROWS"), std::string::npos) << e.what();
+    }
+  }
+  ::unsetenv("MOECPT_CE_CHUNK_ROWS");
 }

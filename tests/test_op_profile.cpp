@@ -52,9 +52,14 @@ TEST(OpProfile, DeviceTimesOnAGpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the device-time part runs on a GPU machine";
   // …on a GPU, a large matmul's kernel time shows up under aten::mm, and the
   // table switches to device time.
+  // The warm-up runs the same ops first: CUDA loads a kernel's module at its
+  // first launch (lazy loading), and the events around that op would time the
+  // GPU idling meanwhile (seen on an H100: the first mul ranked above the mm).
   auto g = torch::randn({2048, 2048}, torch::kCUDA);
-  torch::mm(g, g);  // warm-up (cuBLAS handle)
-  auto ops = train::profile_ops([&] { g = torch::mm(g, g) * 1e-3; }, /*device_times=*/true);
+  auto work = [&] { g = torch::mm(g, g) * 1e-3; };
+  work();
+  torch::cuda::synchronize();
+  auto ops = train::profile_ops(work, /*device_times=*/true);
   const auto* mm = find(ops, "aten::mm");
   ASSERT_TRUE(mm);
   EXPECT_GT(mm->device_self_us, 10.0);  // 17 GFLOP: well over 10 µs on any GPU

@@ -1,6 +1,7 @@
 #include "model/fused_ce.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "core/error.h"
 #include "model/cpu_parallel.h"
@@ -105,6 +106,24 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
 
 }  // namespace
 
+int64_t default_ce_chunk_rows(const torch::Device& device, int64_t vocab) {
+  if (const char* v = std::getenv("MOECPT_CE_CHUNK_ROWS"); v && *v) {
+    char* end = nullptr;
+    const long long rows = std::strtoll(v, &end, 10);
+    if (*end != 0 || rows < 1) throw Error("MOECPT_CE_CHUNK_ROWS must be a positive integer, got '" + std::string(v) + "'");
+    return rows;
+  }
+  vocab = std::max<int64_t>(1, vocab);
+  // CPU: 2 Mi logits (8 MiB fp32) per chunk, at least 256 rows: on the 2-vCPU
+  // machine 128–512 rows were ~25 % faster than unfused at V = 8192, 32 rows no faster.
+  if (!device.is_cuda()) return std::max<int64_t>(256, (int64_t(2) << 20) / vocab);
+  // GPU: 256 Mi logits (1 GiB fp32) per chunk. Each chunk adds its [V, D] dL/dW
+  // product into the fp32 accumulator, a pass over ~10 bytes per weight (1.3 GB
+  // at V = 128,256, D = 1024); with 256-row chunks that was 64 passes, ~30 ms of
+  // a 248 ms dense paper-scale step on an H100 (docs/performance.md).
+  return std::max<int64_t>(256, (int64_t(256) << 20) / vocab);
+}
+
 torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch::Tensor& w_VD,
                                          const torch::Tensor& targets_N, int64_t chunk_rows) {
   if (x_ND.dim() != 2 || w_VD.dim() != 2 || targets_N.dim() != 1 || x_ND.size(1) != w_VD.size(1) ||
@@ -113,9 +132,7 @@ torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch:
                 std::to_string(x_ND.dim()) + "-D, w " + std::to_string(w_VD.dim()) + "-D");
   }
   if (x_ND.size(0) == 0) throw Error("fused_linear_cross_entropy: no rows");
-  // 2 Mi logits (8 MiB fp32) per chunk, at least 256 rows: on the 2-vCPU machine
-  // 128–512 rows were ~25 % faster than unfused at V = 8192, 32 rows no faster.
-  if (chunk_rows <= 0) chunk_rows = std::max<int64_t>(256, (int64_t(2) << 20) / std::max<int64_t>(1, w_VD.size(0)));
+  if (chunk_rows <= 0) chunk_rows = default_ce_chunk_rows(x_ND.device(), w_VD.size(0));
   const bool low_precision = compat::autocast_enabled(x_ND.device()) && x_ND.scalar_type() != torch::kFloat64;
   const bool need_grad = torch::GradMode::is_enabled() && (x_ND.requires_grad() || w_VD.requires_grad());
   if (!need_grad) return FusedLinearCrossEntropy::forward(nullptr, x_ND, w_VD, targets_N, chunk_rows, low_precision);

@@ -21,7 +21,12 @@
 namespace moecpt::model {
 
 // x_ND: hidden states (any leading dims flattened by the caller), w_VD: head
-// weight, targets_N: int64. chunk_rows = 0 picks max(256, 2^21 / V) rows per chunk.
+// weight, targets_N: int64. chunk_rows = 0 picks default_ce_chunk_rows.
+// Rows per chunk of the fused head: max(256, 2^21 / V) on the CPU, max(256,
+// 2^28 / V) on a GPU (1 GiB of fp32 logits: few passes over the fp32 dL/dW
+// accumulator); MOECPT_CE_CHUNK_ROWS overrides both (an error if not a positive integer).
+int64_t default_ce_chunk_rows(const torch::Device& device, int64_t vocab);
+
 torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch::Tensor& w_VD,
                                          const torch::Tensor& targets_N, int64_t chunk_rows = 0);
 

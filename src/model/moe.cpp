@@ -65,14 +65,22 @@ bool grouped_mm_compiled() {
 
 ExpertGemmCalls expert_gemm_calls() { return {g_grouped_calls.load(), g_loop_calls.load()}; }
 
+bool GroupedExpertsImpl::use_grouped(const torch::Tensor& x) const {
+  const auto mode = expert_gemm_mode();
+  if (mode != ExpertGemm::kAuto) return mode == ExpertGemm::kGrouped;
+  return grouped_mm_compiled() && x.is_cuda() &&
+         (x.scalar_type() == torch::kBFloat16 || compat::autocast_enabled(x.device()));
+}
+
+torch::ScalarType GroupedExpertsImpl::compute_dtype(const torch::Tensor& x) const {
+  if (compat::autocast_enabled(x.device()) || (x.is_cuda() && use_grouped(x))) return torch::kBFloat16;
+  return x.scalar_type();
+}
+
 torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
                                           const torch::Tensor& tokens_per_expert_E) {
-  const auto mode = expert_gemm_mode();
-  bool grouped = mode == ExpertGemm::kGrouped;
-  if (mode == ExpertGemm::kAuto)
-    grouped = grouped_mm_compiled() && x_SD.is_cuda() &&
-              (x_SD.scalar_type() == torch::kBFloat16 || compat::autocast_enabled(x_SD.device()));
-  if (grouped) {
+  const auto dt = compute_dtype(x_SD);
+  if (use_grouped(x_SD)) {
 #if MOECPT_TORCH_AT_LEAST(2, 8)
     // One grouped GEMM per projection over all experts; group e is rows
     // [offs[e-1], offs[e]) of x (offs = inclusive cumsum of the counts, int32,
@@ -82,7 +90,6 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
     // bf16 on CUDA (the fast kernel's only dtype) and under autocast; on the
     // CPU without autocast the input's dtype (fp32: ATen's reference loop,
     // which tests compare with ours).
-    const auto dt = x_SD.is_cuda() || compat::autocast_enabled(x_SD.device()) ? torch::kBFloat16 : x_SD.scalar_type();
     compat::NoAutocast no_autocast;  // explicit dtypes below
     auto offs_E = tokens_per_expert_E.cumsum(0, torch::kInt32);
     auto x = x_SD.to(dt);
@@ -101,7 +108,6 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
   // four backward, inside one autograd Function. Its mm_out calls are not
   // autocast ops, so the autocast cast happens here, visible to autograd.
   auto counts_E = tokens_per_expert_E.to(torch::kCPU);
-  const auto dt = compat::autocast_enabled(x_SD.device()) ? torch::kBFloat16 : x_SD.scalar_type();
   compat::NoAutocast no_autocast;
   return expert_ffn_loop(x_SD.to(dt), w1_EDH.to(dt), w3_EDH.to(dt), w2_EHD.to(dt), counts_E, act_kind_);
 }
@@ -139,13 +145,15 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   const auto& r = out.routing;
 
   // 2. Slot s = t·K + j holds token t's j-th choice; a stable sort groups by expert.
+  // The slots are gathered in the experts' dtype (bf16 under autocast): the
+  // K-fold copy and, backward, its scatter-add move half the bytes of fp32.
   torch::Tensor order_S, token_idx_S, x_SD;
   {
     RECORD_USER_SCOPE("moe.dispatch");
     auto ids_S = r.topk_ids_TK.reshape({-1});
     order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
     token_idx_S = order_S.div(K, "floor");
-    x_SD = x_TD.index_select(0, token_idx_S);
+    x_SD = x_TD.to(experts->compute_dtype(x_TD)).index_select(0, token_idx_S);
   }
 
   // 3. (expert parallel: on the experts' ranks, model/moe_expert_parallel.h)

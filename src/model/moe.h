@@ -24,6 +24,12 @@ class GroupedExpertsImpl : public torch::nn::Module {
   // x_SD: routed slots sorted by expert id; tokens_per_expert_E: group sizes
   // (sum = S). Returns y_SD in the same order.
   torch::Tensor forward(const torch::Tensor& x_SD, const torch::Tensor& tokens_per_expert_E);
+  // Whether forward() takes the grouped-GEMM path for input x (MOECPT_EXPERT_GEMM
+  // or auto: LibTorch >= 2.8, CUDA, bf16 or autocast).
+  bool use_grouped(const torch::Tensor& x) const;
+  // The dtype the experts multiply in for input x: bf16 under autocast and on
+  // CUDA's grouped path, else x's. The MoE layer gathers its slots in it.
+  torch::ScalarType compute_dtype(const torch::Tensor& x) const;
 
   torch::Tensor w1_EDH, w3_EDH, w2_EHD;
 
