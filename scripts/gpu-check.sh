@@ -6,8 +6,9 @@
 #   2. configure against the LibTorch of python3's torch, build `moecpt`
 #   3. `moecpt bench train` on recipes/paper/{granular-sinkhorn,dense}.toml,
 #      --device cuda --dtype bfloat16 (fused AdamW, grouped expert GEMMs)
-#   4. the same Granular step with LibTorch's AdamW loop (MOECPT_FUSED_ADAMW=0)
-#      and with activation checkpointing at twice the batch
+#   4. the same Granular step with LibTorch's AdamW loop (MOECPT_FUSED_ADAMW=0),
+#      with activation checkpointing at twice the batch, and Granular and dense
+#      with the bf16 residual stream (run.residual_dtype = "bfloat16")
 #   5. one profiled step each of dense and Granular-Sinkhorn (`--profile`:
 #      GPU time per op from CUDA events)
 #   6. the PyTorch eager peer (bench/pytorch_eager.py --device cuda) on dense
@@ -164,33 +165,37 @@ LFLAG=(); [ "$LAYERS" -gt 0 ] && LFLAG=(--layers "$LAYERS")
 COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmup 2 "${LFLAG[@]}")
 G=recipes/paper/granular-sinkhorn.toml
 if [ "${AB:-0}" = 1 ]; then
-  # A short A/B of the fused head's GPU chunking (MOECPT_CE_CHUNK_ROWS=256 is
-  # the old default) on dense and Granular, then checkpointing at 2x batch and
-  # one dense profile with the new default; sections 3-7 are skipped.
-  log "A/B: fused-head chunk rows (default vs 256)"
-  bench dense-ce-default 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
-  MOECPT_CE_CHUNK_ROWS=256 bench dense-ce-256 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
-  bench granular-sinkhorn-ce-default 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
-  MOECPT_CE_CHUNK_ROWS=256 bench granular-sinkhorn-ce-256 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
-  bench dense-ce-default-2 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
-  bench granular-sinkhorn-ac-b2x 90 bench train --config $G --device cuda --dtype bfloat16 \
-    --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
-    --set train.activation_checkpointing=full
-  bench dense-profile 60 bench train --config recipes/paper/dense.toml --device cuda --dtype bfloat16 \
-    --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 40
+  # A short A/B of what is not measured yet, interleaved, then one profiled
+  # dense step with it; sections 3-7 are skipped. Now: the bf16 residual stream
+  # (run.residual_dtype). (Session 6's A/B of the fused head's chunking is in
+  # docs/performance.md with its commit.)
+  R=(--set run.residual_dtype=bfloat16)
+  log "A/B: residual stream fp32 vs bf16"
+  bench dense 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+  bench dense-bf16-residual 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}" "${R[@]}"
+  bench granular-sinkhorn 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
+  bench granular-sinkhorn-bf16-residual 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped "${R[@]}"
+  bench dense-2 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+  bench dense-bf16-residual-2 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}" "${R[@]}"
+  bench dense-bf16-residual-profile 60 bench train --config recipes/paper/dense.toml --device cuda \
+    --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 60 --profile-shapes "${R[@]}"
 else
 log "3. training steps, paper recipes, bf16"
 bench granular-sinkhorn-grouped 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
 bench dense 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
-log "4. optimizer A/B; activation checkpointing at twice the batch"
+log "4. optimizer A/B; activation checkpointing at twice the batch; bf16 residual stream"
 MOECPT_FUSED_ADAMW=0 bench granular-sinkhorn-grouped-adamw-loop 90 bench train --config $G "${COMMON[@]}" \
   --expert-gemm grouped
 bench granular-sinkhorn-grouped-ac-b2x 120 bench train --config $G --device cuda --dtype bfloat16 \
   --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
   --set train.activation_checkpointing=full
+bench granular-sinkhorn-grouped-bf16-residual 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped \
+  --set run.residual_dtype=bfloat16
+bench dense-bf16-residual 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}" \
+  --set run.residual_dtype=bfloat16
 log "5. one profiled step (GPU time per op)"
 bench dense-profile 75 bench train --config recipes/paper/dense.toml --device cuda --dtype bfloat16 \
-  --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 40
+  --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 60 --profile-shapes
 bench granular-sinkhorn-profile 75 bench train --config $G --device cuda --dtype bfloat16 \
   --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped --profile 40
 python3 - "$OUT/results.jsonl" <<'PY'
@@ -201,7 +206,8 @@ for line in open(sys.argv[1]):
     if not p: continue
     print(f"  {r['tag']}: {p['device_ms']:.1f} ms GPU; top ops by GPU self time:")
     for o in p["ops"][:15]:
-        print(f"    {o['op'][:40]:40s} {o['calls']:6d} {o['device_self_ms']:9.2f} ms")
+        name = (o['op'] + ' ' + o.get('shapes', '')).strip()
+        print(f"    {name[:70]:70s} {o['calls']:6d} {o['device_self_ms']:9.2f} ms")
 PY
 log "6. the PyTorch eager peer, same models and batch"
 EAGER=(--recipes paper --device cuda --bf16 --batch "$BATCH" --steps 3 --warmup 2 --layers "${LAYERS/#0/24}")

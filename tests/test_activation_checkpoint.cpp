@@ -175,6 +175,29 @@ TEST(ActivationCheckpointing, RecomputesUnderTheForwardsBf16Autocast) {
         << name << ": max |diff| " << (g - ac.at(name)).abs().max().item<double>();
 }
 
+TEST(ActivationCheckpointing, BackwardInsideTheAutocastScopeStillReachesTheWeights) {
+  // Autocast caches its casts of the weights (the attention's linears use
+  // them). The checkpointed forward made its casts under no-grad, so a rerun
+  // that reused them (backward() called while the forward's autocast scope is
+  // open) would leave qkv and out without gradients; the rerun clears the cache.
+  const auto [in, tgt] = random_batch(9, 2);
+  const auto mc = small_model("dense");
+  auto grads = [&](int64_t every) {
+    auto m = make_model(mc, router_of("topk"), every);
+    compat::Autocast autocast(torch::kCPU);
+    forward_loss(*m, in, tgt).lm_loss.backward();
+    std::map<std::string, torch::Tensor> g;
+    for (const auto& p : m->named_parameters()) g[p.key()] = p.value().grad();
+    return g;
+  };
+  const auto ref = grads(0), ac = grads(1);
+  for (const auto& [name, g] : ref) {
+    ASSERT_TRUE(ac.at(name).defined()) << name;
+    EXPECT_TRUE(torch::allclose(g, ac.at(name), 1e-6, 1e-7))
+        << name << ": max |diff| " << (g - ac.at(name)).abs().max().item<double>();
+  }
+}
+
 TEST(ActivationCheckpointing, KeepsOnlyTheBlockInputsInTheGraph) {
   const auto [in, tgt] = random_batch(8, 2);
   const auto mc = small_model("moe");

@@ -2,6 +2,8 @@
 // computation whose ops we know, and through `moecpt bench train --profile`.
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -45,6 +47,29 @@ TEST(OpProfile, CountsCallsAndSeparatesSelfFromChildTime) {
   EXPECT_NE(text.find("op (by self CPU time)"), std::string::npos);
 }
 
+TEST(OpProfile, ByShapesSplitsAnOpByItsInputSizes) {
+  auto a = torch::randn({64, 32}), b = torch::randn({32, 16}), c = torch::randn({16, 8});
+  auto work = [&] {
+    for (int i = 0; i < 2; ++i) torch::mm(a, b);  // [64, 32] × [32, 16], twice
+    torch::mm(b, c);                               // [32, 16] × [16, 8], once
+  };
+  // by name: one row, three calls, no shapes
+  const auto* mm = find(train::profile_ops(work), "aten::mm");
+  ASSERT_TRUE(mm);
+  EXPECT_EQ(mm->calls, 3);
+  EXPECT_TRUE(mm->shapes.empty());
+  // by shapes: one row per shape pair
+  const auto ops = train::profile_ops(work, /*device_times=*/false, /*by_shapes=*/true);
+  std::map<std::string, int64_t> calls;
+  for (const auto& o : ops)
+    if (o.name == "aten::mm") calls[o.shapes] = o.calls;
+  EXPECT_EQ(calls.size(), 2u);
+  EXPECT_EQ(calls["[64, 32] [32, 16]"], 2);
+  EXPECT_EQ(calls["[32, 16] [16, 8]"], 1);
+  // the table shows the shapes after the name
+  EXPECT_NE(train::format_op_table(ops, 1.0, ops.size()).find("aten::mm [64, 32] [32, 16]"), std::string::npos);
+}
+
 TEST(OpProfile, DeviceTimesOnAGpu) {
   // CPU-only profiles carry no device time…
   auto a = torch::randn({64, 64});
@@ -81,4 +106,19 @@ TEST(OpProfile, BenchTrainProfileListsTheMoEPhases) {
     EXPECT_EQ(calls[phase], 1) << phase;  // one MoE layer, one forward
   EXPECT_GT(calls["aten::mm"], 0);
   EXPECT_GT(j["profile"]["profiled_step_ms"].get<double>(), 0);
+
+  // --profile-shapes: rows carry the input shapes; without --profile it is refused
+  auto s = moecpt::testing::run_moecpt("bench train --config " + path +
+                                       " --set model.vocab_size=256 --set model.d_model=32 --set model.seq_len=16"
+                                       " --layers 1 --steps 1 --warmup 1 --batch 2 --threads 1 --profile 5000"
+                                       " --profile-shapes --json");  // every row: ~800 (op, shapes) pairs
+  ASSERT_EQ(s.exit_code, 0) << s.output;
+  // the router's torch::matmul of [T, d] x [d, E]: 2·16 tokens, d 32, E 15
+  bool router_matmul = false;
+  const auto js = nlohmann::json::parse(s.output);  // named: the loop below must not outlive it
+  for (const auto& row : js["profile"]["ops"])
+    router_matmul = router_matmul || (row["op"].get<std::string>() == "aten::matmul" &&
+                                      row["shapes"].get<std::string>() == "[32, 32] [32, 15]");
+  EXPECT_TRUE(router_matmul) << s.output.substr(0, 4000);
+  EXPECT_NE(moecpt::testing::run_moecpt("bench train --config " + path + " --profile-shapes").exit_code, 0);
 }

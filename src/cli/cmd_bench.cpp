@@ -60,6 +60,7 @@ struct BenchOptions {
   double peak_tflops = 0;
   bool json = false;
   int64_t profile = 0;
+  bool profile_shapes = false;  // --profile rows per (op, input shapes)
   int64_t blas_threads = 1;  // > 0: profile one extra step and show this many ops
   bool unfused_head = false;  // logits + cross_entropy instead of the fused op
   std::string expert_gemm;    // "" = MOECPT_EXPERT_GEMM or auto (model/grouped_gemm.h)
@@ -174,6 +175,7 @@ void run_bench_train(const BenchOptions& o) {
   model::Transformer model(mc, cfg.router);
   model->to(dev);
   model->set_activation_checkpointing(cfg.train.recompute_every());
+  model->set_bf16_residual(cfg.run.residual_dtype == "bfloat16");
   model->train();
   auto opt = make_adamw(*model, cfg.optim);
   const auto params = model->parameters();
@@ -237,7 +239,7 @@ void run_bench_train(const BenchOptions& o) {
           step();
           sync(dev);
         },
-        /*device_times=*/dev.is_cuda());
+        /*device_times=*/dev.is_cuda(), /*by_shapes=*/o.profile_shapes);
     profiled_us = 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (const auto& op : ops) profiled_device_us += op.device_self_us;  // telescopes to the ops' GPU span
   }
@@ -293,6 +295,7 @@ void run_bench_train(const BenchOptions& o) {
       {"batch_sequences", B},
       {"accum_micro_batches", accum},
       {"activation_checkpointing_every", model->activation_checkpointing()},
+      {"residual_dtype", model->bf16_residual() && dtype == "bfloat16" ? "bfloat16" : "float32"},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
@@ -321,10 +324,12 @@ void run_bench_train(const BenchOptions& o) {
   };
   if (o.profile > 0) {
     nlohmann::json rows = nlohmann::json::array();
-    for (size_t i = 0; i < ops.size() && i < size_t(o.profile); ++i)
+    for (size_t i = 0; i < ops.size() && i < size_t(o.profile); ++i) {
       rows.push_back({{"op", ops[i].name}, {"calls", ops[i].calls}, {"self_ms", ops[i].self_us / 1e3},
                       {"total_ms", ops[i].total_us / 1e3}, {"device_self_ms", ops[i].device_self_us / 1e3},
                       {"device_total_ms", ops[i].device_total_us / 1e3}});
+      if (o.profile_shapes) rows.back()["shapes"] = ops[i].shapes;
+    }
     j["profile"] = {{"profiled_step_ms", profiled_us / 1e3}, {"device_ms", profiled_device_us / 1e3}, {"ops", rows}};
   }
   if (o.json) {
@@ -343,6 +348,7 @@ void run_bench_train(const BenchOptions& o) {
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
   if (dev.is_cpu() && dtype == "bfloat16" && !fast_bf16)
     std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
+  if (model->bf16_residual() && dtype == "bfloat16") std::printf("  residual stream: bfloat16\n");
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
                 (long long)model->activation_checkpointing());
@@ -525,9 +531,13 @@ void register_bench_commands(CLI::App& app) {
       ->check(CLI::IsMember({"auto", "grouped", "loop"}));
   train->add_flag("--json", o->json, "print one JSON object");
   train->add_option("--blas-threads", o->blas_threads, "OpenBLAS threads under the matmuls (default 1)");
-  train->add_option("--profile", o->profile,
-                    "after the timed steps, profile one more step and list the N ops with most self CPU time "
-                    "(MoE phases appear as moe.router, moe.dispatch, moe.experts, moe.combine, moe.shared)");
+  auto* profile = train->add_option(
+      "--profile", o->profile,
+      "after the timed steps, profile one more step and list the N ops with most self CPU time "
+      "(MoE phases appear as moe.router, moe.dispatch, moe.experts, moe.combine, moe.shared)");
+  train->add_flag("--profile-shapes", o->profile_shapes,
+                  "with --profile: one row per op and input shapes (tells apart e.g. weight and activation casts)")
+      ->needs(profile);
   train->callback([o] { run_bench_train(*o); });
 
   auto lo = std::make_shared<MoeLayerOptions>();

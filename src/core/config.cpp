@@ -412,6 +412,8 @@ void validate(const Config& c, const std::string& origin) {
                               std::to_string(m.top_k));
     if (m.expert_hidden < 1) fail("model.expert_hidden", "an MoE model needs expert_hidden >= 1");
   }
+  if (c.run.residual_dtype == "bfloat16" && c.run.dtype != "bfloat16")
+    fail("run.residual_dtype", "bfloat16 needs run.dtype = \"bfloat16\" (the stream is cast only under bf16 autocast)");
   if (c.optim.min_lr > c.optim.lr) fail("optim.min_lr", "expected min_lr <= lr");
   if (c.train.micro_batch_size > 0 && c.train.batch_size % c.train.micro_batch_size != 0)
     fail("train.micro_batch_size", "must divide train.batch_size (" + std::to_string(c.train.batch_size) + "), got " +

@@ -28,6 +28,7 @@ struct RunConfig {
   int64_t threads = 0;               // intra-op threads; 0 = number of cores
   std::string device = "cpu";        // cpu | cuda
   std::string dtype = "float32";     // float32 | bfloat16 (autocast; router stays fp32)
+  std::string residual_dtype = "float32";  // the residual stream under bf16 autocast
 
   template <class V> void visit(V& v) {
     v("name", name, "run name, used in logs and reports");
@@ -36,6 +37,10 @@ struct RunConfig {
     v("threads", threads, "intra-op threads (0 = all cores)", at_least(0));
     v("device", device, "compute device", Choices{"cpu", "cuda"});
     v("dtype", dtype, "compute dtype (router and master weights stay fp32)", Choices{"float32", "bfloat16"});
+    v("residual_dtype", residual_dtype,
+      "dtype of the residual stream between blocks when dtype = bfloat16 (bfloat16, as Megatron "
+      "keeps it, halves the stream's traffic and drops the casts before each matmul)",
+      Choices{"float32", "bfloat16"});
   }
 };
 

@@ -45,7 +45,14 @@ class Recompute : public torch::autograd::Function<Recompute> {
     {
       torch::AutoGradMode grad_on(true);
       std::optional<compat::Autocast> autocast;
-      if (state->autocast) autocast.emplace(state->device);
+      if (state->autocast) {
+        // Autocast caches its casts of the weights; the forward pass's first
+        // run made them under no-grad, without a path to the weights. If the
+        // caller's autocast scope is still open (backward() inside it), they
+        // would be reused here and the weights would get no gradient.
+        at::autocast::clear_cache();
+        autocast.emplace(state->device);
+      }
       outs = state->fn(detached, /*first_pass=*/false);
     }
     if (outs.size() != grads.size())

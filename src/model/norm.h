@@ -17,7 +17,10 @@ class NormImpl : public torch::nn::Module {
   }
   torch::Tensor forward(const torch::Tensor& x_BTD) {
     if (!bias_D.defined()) return compat::rms_norm(x_BTD, weight_D, eps_);
-    return torch::layer_norm(x_BTD, {weight_D.size(0)}, weight_D, bias_D, eps_);
+    // In fp32 (LibTorch 1.13's CPU kernel wants x and the weights in one dtype),
+    // back in the stream's dtype (bf16 with run.residual_dtype = "bfloat16").
+    return torch::layer_norm(x_BTD.to(weight_D.scalar_type()), {weight_D.size(0)}, weight_D, bias_D, eps_)
+        .to(x_BTD.scalar_type());
   }
 
   torch::Tensor weight_D, bias_D;

@@ -38,10 +38,14 @@ inline torch::Tensor causal_attention(const torch::Tensor& q, const torch::Tenso
 
 // RMSNorm: x / sqrt(mean(x²) + eps) * weight, computed in fp32 for stability.
 // 2.4+: ATen's rms_norm (a fused kernel on CUDA where the version has one;
-// same formula, fp32 inside), cast back to x's dtype. 1.13: spelled out.
+// same formula, fp32 inside), cast back to x's dtype. Its fused kernel wants
+// the weight in x's dtype (else ATen falls back to the composite ops), so a
+// bf16 stream multiplies by the weight rounded to bf16, as bf16-parameter
+// trainings do. 1.13: spelled out, fp32 weight.
 inline torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
 #if MOECPT_TORCH_AT_LEAST(2, 4)
-  return at::rms_norm(x, {x.size(-1)}, weight, eps).to(x.scalar_type());
+  const auto w = weight.scalar_type() == x.scalar_type() ? weight : weight.to(x.scalar_type());
+  return at::rms_norm(x, {x.size(-1)}, w, eps).to(x.scalar_type());
 #else
   auto xf = x.to(torch::kFloat32);
   auto y = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);

@@ -96,6 +96,7 @@ torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& tokens_BT, std
   const int64_t T = tokens_BT.size(1);
   const auto rope = rotary_tables(T, mc_.d_model / mc_.n_heads, mc_.rope_theta, tokens_BT.device());
   auto x_BTD = tok_emb(tokens_BT);
+  if (bf16_residual_ && compat::autocast_enabled(x_BTD.device())) x_BTD = x_BTD.to(torch::kBFloat16);
   const bool recompute = ac_every_ > 0 && torch::GradMode::is_enabled();
   for (size_t l = 0; l < blocks_.size(); ++l) {
     x_BTD = recompute && int64_t(l) % ac_every_ == 0 ? checkpointed_block(blocks_[l], x_BTD, rope, routing)

@@ -60,6 +60,14 @@ class TransformerImpl : public torch::nn::Module {
   void set_activation_checkpointing(int64_t every);
   int64_t activation_checkpointing() const { return ac_every_; }
 
+  // The residual stream's dtype under bf16 autocast (run.residual_dtype): with
+  // bf16 on, the embedding output is cast to bf16 once and the blocks' adds,
+  // norms and the head read and write bf16 (norm statistics stay fp32 inside;
+  // the router casts its input to fp32). Off (default): the stream stays in the
+  // embedding's fp32 and every matmul input is cast. No effect without autocast.
+  void set_bf16_residual(bool on) { bf16_residual_ = on; }
+  bool bf16_residual() const { return bf16_residual_; }
+
   const ModelConfig& config() const { return mc_; }
   std::vector<int64_t> moe_layer_indices() const;
   // The router of each MoE layer, in moe_layer_indices() order.
@@ -78,6 +86,7 @@ class TransformerImpl : public torch::nn::Module {
   ModelConfig mc_;
   std::vector<Block> blocks_;  // typed view of `blocks`
   int64_t ac_every_ = 0;
+  bool bf16_residual_ = false;
 };
 
 // Σ aux_loss and Σ z_loss over the MoE layers' routing (0-d fp32 zeros on

@@ -37,9 +37,22 @@ double device_elapsed_us(const prof::LegacyEvent& from, const prof::LegacyEvent&
   return from.cudaElapsedUs(to);
 }
 
-// One thread's push/pop events → per-name calls, self and total time. Pops
-// close the innermost open range (RecordFunction ranges nest per thread).
-void aggregate(const std::vector<prof::LegacyEvent>& events, std::map<std::string, OpStat>& by_name) {
+// "[16384, 1024] [] [3072, 1024]": one bracket per input ([] for a non-tensor).
+std::string format_shapes(const std::vector<std::vector<int64_t>>& shapes) {
+  std::string s;
+  for (const auto& shape : shapes) {
+    if (!s.empty()) s += ' ';
+    s += '[';
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    s += ']';
+  }
+  return s;
+}
+
+// One thread's push/pop events → per-name (or per name and shapes) calls, self
+// and total time. Pops close the innermost open range (RecordFunction ranges
+// nest per thread).
+void aggregate(const std::vector<prof::LegacyEvent>& events, bool by_shapes, std::map<std::string, OpStat>& by_name) {
   std::vector<Open> stack;
   std::map<std::string, int> open_count;  // recursion guard for total time
   for (const auto& ev : events) {
@@ -52,12 +65,14 @@ void aggregate(const std::vector<prof::LegacyEvent>& events, std::map<std::strin
       stack.pop_back();
       const double dur = o.push->cpuElapsedUs(ev);
       const double dev = device_elapsed_us(*o.push, ev);
-      auto& s = by_name[o.push->name()];
+      const std::string shapes = by_shapes ? format_shapes(o.push->shapes()) : std::string();
+      auto& s = by_name[by_shapes ? std::string(o.push->name()) + '\t' + shapes : std::string(o.push->name())];
       s.name = o.push->name();
+      s.shapes = shapes;
       ++s.calls;
       s.self_us += dur - o.child_us;
       s.device_self_us += dev - o.child_device_us;
-      if (--open_count[s.name] == 0) {
+      if (--open_count[o.push->name()] == 0) {
         s.total_us += dur;
         s.device_total_us += dev;
       }
@@ -70,9 +85,10 @@ void aggregate(const std::vector<prof::LegacyEvent>& events, std::map<std::strin
 }
 }  // namespace
 
-std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_times) {
+std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_times, bool by_shapes) {
   if (prof::profilerEnabled()) throw Error("profile_ops: a profiler is already running");
-  prof::enableProfilerLegacy(ProfilerConfig(device_times ? ProfilerState::CUDA : ProfilerState::CPU));
+  prof::enableProfilerLegacy(
+      ProfilerConfig(device_times ? ProfilerState::CUDA : ProfilerState::CPU, /*report_input_shapes=*/by_shapes));
   prof::thread_event_lists lists;
   try {
     fn();
@@ -82,7 +98,7 @@ std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_tim
   }
   lists = prof::disableProfilerLegacy();
   std::map<std::string, OpStat> by_name;
-  for (const auto& l : lists) aggregate(l, by_name);
+  for (const auto& l : lists) aggregate(l, by_shapes, by_name);
   std::vector<OpStat> out;
   for (auto& [_, s] : by_name) out.push_back(s);
   std::sort(out.begin(), out.end(), [&](const OpStat& a, const OpStat& b) {
@@ -92,33 +108,37 @@ std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_tim
 }
 
 #else
-std::vector<OpStat> profile_ops(const std::function<void()>&, bool) {
+std::vector<OpStat> profile_ops(const std::function<void()>&, bool, bool) {
   throw Error("--profile: this LibTorch has no legacy profiler (torch/csrc/autograd/profiler_legacy.h)");
 }
 #endif
 
 std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit, double device_us) {
   std::string s;
-  char line[256];
+  char line[512];
+  bool shapes = false;
+  for (size_t i = 0; i < ops.size() && i < limit; ++i) shapes = shapes || !ops[i].shapes.empty();
+  const int w = shapes ? 78 : 42;  // the op column, wider with shapes
+  auto label = [&](const OpStat& o) { return o.shapes.empty() ? o.name : o.name + " " + o.shapes; };
   if (device_us > 0) {
-    std::snprintf(line, sizeof line, "  %-42s %7s %10s %6s %10s %10s\n", "op (by self device time)", "calls",
+    std::snprintf(line, sizeof line, "  %-*s %7s %10s %6s %10s %10s\n", w, "op (by self device time)", "calls",
                   "dev self ms", "self%", "dev tot ms", "cpu self ms");
     s += line;
     for (size_t i = 0; i < ops.size() && i < limit; ++i) {
       const auto& o = ops[i];
-      std::snprintf(line, sizeof line, "  %-42.42s %7lld %10.2f %5.1f%% %10.2f %10.2f\n", o.name.c_str(),
+      std::snprintf(line, sizeof line, "  %-*.*s %7lld %10.2f %5.1f%% %10.2f %10.2f\n", w, w, label(o).c_str(),
                     (long long)o.calls, o.device_self_us / 1e3, 100.0 * o.device_self_us / device_us,
                     o.device_total_us / 1e3, o.self_us / 1e3);
       s += line;
     }
     return s;
   }
-  std::snprintf(line, sizeof line, "  %-42s %7s %10s %6s %10s\n", "op (by self CPU time)", "calls", "self ms", "self%",
+  std::snprintf(line, sizeof line, "  %-*s %7s %10s %6s %10s\n", w, "op (by self CPU time)", "calls", "self ms", "self%",
                 "total ms");
   s += line;
   for (size_t i = 0; i < ops.size() && i < limit; ++i) {
     const auto& o = ops[i];
-    std::snprintf(line, sizeof line, "  %-42.42s %7lld %10.2f %5.1f%% %10.2f\n", o.name.c_str(), (long long)o.calls,
+    std::snprintf(line, sizeof line, "  %-*.*s %7lld %10.2f %5.1f%% %10.2f\n", w, w, label(o).c_str(), (long long)o.calls,
                   o.self_us / 1e3, wall_us > 0 ? 100.0 * o.self_us / wall_us : 0.0, o.total_us / 1e3);
     s += line;
   }

@@ -13,6 +13,7 @@ namespace moecpt::train {
 
 struct OpStat {
   std::string name;
+  std::string shapes;  // with by_shapes: the inputs' shapes, e.g. "[16384, 1024] [3072, 1024]"; else empty
   int64_t calls = 0;
   double self_us = 0;   // time inside this op minus its child ops
   double total_us = 0;  // time inside this op (outermost occurrence only, no double counting of recursion)
@@ -27,11 +28,14 @@ struct OpStat {
 // returns the ops sorted by self time, largest first. Throws moecpt::Error if a
 // profiler is already running. device_times: also record CUDA events around
 // every op (a CUDA build on a GPU; the ops are then sorted by device self time),
-// which adds a little overhead per op.
-std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_times = false);
+// which adds a little overhead per op. by_shapes: one row per (op, input
+// shapes) instead of per op, to tell apart e.g. the casts of activations from
+// those of weights (the profiler then records every op's input sizes).
+std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_times = false, bool by_shapes = false);
 
 // The table as text: the top `limit` rows by self time, with shares of `wall_us`
-// (of the device time instead, with device_us > 0, and a device column).
+// (of the device time instead, with device_us > 0, and a device column); rows
+// with shapes show them after the op's name.
 std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit, double device_us = 0);
 
 }  // namespace moecpt::train

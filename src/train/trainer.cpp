@@ -232,6 +232,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   model::Transformer m(cfg.model, cfg.router);
   m->to(dev);
   m->set_activation_checkpointing(cfg.train.recompute_every());
+  m->set_bf16_residual(cfg.run.residual_dtype == "bfloat16");
   if (dev.is_cpu() && cfg.run.dtype == "bfloat16" && !compat::cpu_has_fast_bf16_matmul())
     log::warn("run.dtype = bfloat16 on a CPU without AVX-512: LibTorch's bf16 matmuls run a slow fallback here "
               "(a bf16 step measured 11x slower than float32 on an AVX2 machine; docs/performance.md)");
