@@ -102,28 +102,35 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ -d "$TP" -o -e /usr/include/gtest/gtest.h ];
   TESTS_BUILD=$!
 fi
 
-# One bench run: tag, timeout, args. Appends {"tag":…, "result":{…}} or {"tag":…, "error":…}.
-bench() {
+# One run: tag, timeout, command (its stdout ends with one JSON object). Appends
+# {"tag":…, "result":{…}} or {"tag":…, "error":…, "rc":…} to results.jsonl and
+# prints a one-line summary.
+record() {
   local tag=$1 limit=$2; shift 2
   if [ "$(left)" -lt $(( limit / 2 )) ]; then log "skip $tag (budget)"; return; fi
   local t=$(( limit < $(left) ? limit : $(left) ))
   log "run $tag: $*"
-  if timeout "$t" "$BIN" "$@" --json >"$OUT/cur.json" 2>"$OUT/cur.err"; then
+  if timeout "$t" "$@" >"$OUT/cur.json" 2>"$OUT/cur.err"; then
     python3 - "$tag" "$OUT/cur.json" >>"$OUT/results.jsonl" <<'PY'
 import json, sys
-print(json.dumps({"tag": sys.argv[1], "result": json.load(open(sys.argv[2]))}))
-PY
-    python3 - "$OUT/cur.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-if "tokens_per_s" in r:
+text = open(sys.argv[2]).read().strip()
+try:
+    r = json.loads(text)
+except json.JSONDecodeError:  # the eager script prints one line, maybe after warnings
+    r = json.loads(text.splitlines()[-1])
+print(json.dumps({"tag": sys.argv[1], "result": r}))
+if r.get("impl") == "pytorch_eager":
+    print(f"  eager: {r['n_layers']} layers, {r['batch_tokens']} tokens: {r['step_ms']:.1f} ms/step, "
+          f"{r['tokens_per_s']:.0f} tok/s, GPU peak {r['gpu_peak_allocated_mib']:.0f} MiB, loss {r['loss']:.3f}",
+          file=sys.stderr)
+elif "tokens_per_s" in r:
     e = r.get("expert_gemm", {})
     print(f"  {r['model']['n_layers']} layers, batch {r['batch_sequences']}x{r['model']['seq_len']}: "
           f"{r['step_ms']['median']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s, {r['tflops']:.1f} TFLOP/s, "
           f"MFU {100*r['mfu']:.1f}% of {r['peak_tflops']:.0f}; experts {e.get('path')}; "
-          f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}")
+          f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
-    print(json.dumps(r, indent=1))
+    print(json.dumps(r, indent=1), file=sys.stderr)
 PY
   else
     local rc=$?
@@ -134,32 +141,11 @@ PY
   fi
   rm -f "$OUT/cur.json" "$OUT/cur.err"
 }
-
-# The peer: the same model as idiomatic PyTorch eager code (bench/pytorch_eager.py:
-# bf16 autocast, SDPA, fused AdamW; MoE experts one matmul each), same batch.
-eager() {
-  local tag=$1 limit=$2; shift 2
-  if [ "$(left)" -lt $(( limit / 2 )) ]; then log "skip $tag (budget)"; return; fi
-  local t=$(( limit < $(left) ? limit : $(left) ))
-  log "run $tag: pytorch_eager.py $*"
-  if timeout "$t" python3 bench/pytorch_eager.py "$@" >"$OUT/cur.json" 2>"$OUT/cur.err"; then
-    python3 - "$tag" "$OUT/cur.json" >>"$OUT/results.jsonl" <<'PY'
-import json, sys
-r = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
-print(json.dumps({"tag": sys.argv[1], "result": r}))
-print(f"  eager: {r['n_layers']} layers, {r['batch_tokens']} tokens: {r['step_ms']:.1f} ms/step, "
-      f"{r['tokens_per_s']:.0f} tok/s, GPU peak {r['gpu_peak_allocated_mib']:.0f} MiB, loss {r['loss']:.3f}",
-      file=sys.stderr)
-PY
-  else
-    local rc=$?
-    tail -5 "$OUT/cur.err"
-    python3 -c 'import json,sys; print(json.dumps({"tag": sys.argv[1], "error": open(sys.argv[2]).read()[-2000:], "rc": int(sys.argv[3])}))' \
-      "$tag" "$OUT/cur.err" "$rc" >>"$OUT/results.jsonl"
-    log "$tag failed (rc $rc)"
-  fi
-  rm -f "$OUT/cur.json" "$OUT/cur.err"
-}
+# moecpt's benchmarks, and the peer: the same model as idiomatic PyTorch eager
+# code (bench/pytorch_eager.py: bf16 autocast, SDPA, fused AdamW; MoE experts
+# one matmul each), same batch.
+bench() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" "$BIN" "$@" --json; }
+eager() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" python3 bench/pytorch_eager.py "$@"; }
 
 LFLAG=(); [ "$LAYERS" -gt 0 ] && LFLAG=(--layers "$LAYERS")
 COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmup 2 "${LFLAG[@]}")
