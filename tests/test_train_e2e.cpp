@@ -47,6 +47,13 @@ validation = ["d0", "d1"]
 )";
 }
 
+// The two domains' shards and the tiny recipe as dir/pt.toml.
+void write_tiny_run(const testing::TempDir& dir) {
+  write_domain(dir / "d0", 1);
+  write_domain(dir / "d1", 3);
+  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+}
+
 // Trains the tiny recipe for 12 steps into dir/name with extra --set values;
 // returns the per-step training losses from its metrics.jsonl.
 std::vector<double> train_tiny_losses(const testing::TempDir& dir, const std::string& name,
@@ -66,9 +73,7 @@ std::vector<double> train_tiny_losses(const testing::TempDir& dir, const std::st
 
 TEST(TrainE2E, PretrainThenContinueWithReplay) {
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  write_tiny_run(dir);
 
   Config pt = load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "pt") + "\""});
   PhaseSummary s = train(pt);
@@ -123,9 +128,7 @@ std::vector<std::string> train_losses(const std::string& metrics_path) {
 
 TEST(TrainE2E, InterruptedAndResumedRunIsBitIdentical) {
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  write_tiny_run(dir);
   const std::vector<std::string> common = {"train.steps=24", "train.checkpoint_every=0", "data.train=[\"d0\",\"d1\"]",
                                            "router.type=sinkhorn"};
   auto with = [&](std::vector<std::string> v, const std::string& out) {
@@ -165,17 +168,16 @@ TEST(TrainE2E, InterruptedAndResumedRunIsBitIdentical) {
 
 TEST(TrainE2E, MicroBatchesMatchTheFullBatchAndBf16Trains) {
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
-  auto run = [&](const std::string& name, std::vector<std::string> sets) { return train_tiny_losses(dir, name, sets); };
+  write_tiny_run(dir);
   // Gradient accumulation over 4 micro-batches of 2 = one batch of 8 (up to fp32 rounding;
   // dense so that the per-micro-batch aux loss does not enter).
-  auto full = run("full", {"model.ffn=dense"}), accum = run("accum", {"model.ffn=dense", "train.micro_batch_size=2"});
+  auto full = train_tiny_losses(dir, "full", {"model.ffn=dense"});
+  auto accum = train_tiny_losses(dir, "accum", {"model.ffn=dense", "train.micro_batch_size=2"});
   ASSERT_EQ(full.size(), 12u);
   for (size_t i = 0; i < full.size(); ++i) EXPECT_NEAR(full[i], accum[i], 2e-4 * std::abs(full[i])) << "step " << i;
   // bf16 autocast (routers in fp32): trains, close to the fp32 run at the start.
-  auto bf16 = run("bf16", {"run.dtype=bfloat16"}), fp32 = run("fp32", {});
+  auto bf16 = train_tiny_losses(dir, "bf16", {"run.dtype=bfloat16"});
+  auto fp32 = train_tiny_losses(dir, "fp32", {});
   EXPECT_NEAR(bf16.front(), fp32.front(), 0.05);
   EXPECT_LT(bf16.back(), bf16.front() - 0.5);
 }
@@ -184,12 +186,9 @@ TEST(TrainE2E, ActivationCheckpointingTrainsBitIdentically) {
   // Recomputing the blocks in the backward changes memory, not maths: the
   // same 12 MoE steps (Z+Aux router) give the same losses to the last bit.
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
-  auto run = [&](const std::string& name, std::vector<std::string> sets) { return train_tiny_losses(dir, name, sets); };
-  auto plain = run("plain", {});
-  auto recompute = run("recompute", {"train.activation_checkpointing=\"full\""});
+  write_tiny_run(dir);
+  auto plain = train_tiny_losses(dir, "plain", {});
+  auto recompute = train_tiny_losses(dir, "recompute", {"train.activation_checkpointing=\"full\""});
   ASSERT_EQ(plain.size(), 12u);
   EXPECT_EQ(plain, recompute);
   EXPECT_LT(plain.back(), plain.front() - 0.5);
@@ -200,9 +199,7 @@ TEST(TrainE2E, MetricsWriteFailureStopsNamingTheFile) {
   // so the write fails with EFBIG instead of killing the process): the run
   // must stop with the metrics file named, not go on losing lines.
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  write_tiny_run(dir);
   const std::string cmd = "bash -c 'ulimit -f 16; trap \"\" XFSZ; exec " + std::string(MOECPT_BINARY) +
                           " train -c " + (dir / "pt.toml") + " --set run.out_dir=\"" + (dir / "run") +
                           "\" --set train.steps=5000 --set train.eval_every=0' 2>&1";
@@ -220,9 +217,7 @@ TEST(TrainE2E, MetricsWriteFailureStopsNamingTheFile) {
 
 TEST(TrainE2E, NonFiniteLossStopsNamingTheLastCheckpoint) {
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  write_tiny_run(dir);
   try {
     // An absurd learning rate drives the weights, then the loss, to inf/NaN.
     train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "x") + "\"", "optim.lr=1e30",
@@ -236,9 +231,7 @@ TEST(TrainE2E, NonFiniteLossStopsNamingTheLastCheckpoint) {
 
 TEST(TrainE2E, InitFromWrongModelNamesTheTensor) {
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  write_tiny_run(dir);
   train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "pt") + "\"", "train.steps=2"}));
   try {
     train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "x") + "\"", "model.d_model=48",
@@ -253,9 +246,7 @@ TEST(TrainE2E, InitFromWrongModelNamesTheTensor) {
 
 TEST(TrainE2E, CorruptOrMissingCheckpointIsNamed) {
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  write_tiny_run(dir);
   train(load_config(dir / "pt.toml", {"run.out_dir=\"" + (dir / "pt") + "\"", "train.steps=2"}));
   const std::string weights = dir / "pt/checkpoints/final/model.safetensors";
   std::filesystem::resize_file(weights, std::filesystem::file_size(weights) / 2);
@@ -277,9 +268,7 @@ TEST(TrainE2E, CorruptOrMissingCheckpointIsNamed) {
 // SIGINT finishes the step, writes a checkpoint, exits 0; --resume completes the run.
 TEST(TrainE2E, SigintCheckpointsAndResumeFinishes) {
   testing::TempDir dir;
-  write_domain(dir / "d0", 1);
-  write_domain(dir / "d1", 3);
-  testing::write_text(dir / "pt.toml", tiny_recipe(dir));
+  write_tiny_run(dir);
   const std::string out = dir / "run";
   const pid_t pid = ::fork();
   if (pid == 0) {
