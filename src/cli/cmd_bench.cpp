@@ -250,6 +250,7 @@ void run_bench_train(const BenchOptions& o) {
   const auto* fused_opt = dynamic_cast<const FusedAdamW*>(opt.get());
   const std::string optimizer_path = fused_opt ? fused_opt->last_path() : "loop";
   const bool fast_bf16 = compat::cpu_has_fast_bf16_matmul();  // reads /proc/cpuinfo
+  const bool bf16_stream = model->bf16_residual() && dtype == "bfloat16";  // the cast happens only under autocast
   const std::string expert_path = mc.ffn != "moe"          ? "none"
                                   : grouped_calls && loop_calls ? "mixed"
                                   : grouped_calls              ? "grouped"
@@ -295,7 +296,7 @@ void run_bench_train(const BenchOptions& o) {
       {"batch_sequences", B},
       {"accum_micro_batches", accum},
       {"activation_checkpointing_every", model->activation_checkpointing()},
-      {"residual_dtype", model->bf16_residual() && dtype == "bfloat16" ? "bfloat16" : "float32"},
+      {"residual_dtype", bf16_stream ? "bfloat16" : "float32"},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
@@ -348,7 +349,7 @@ void run_bench_train(const BenchOptions& o) {
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
   if (dev.is_cpu() && dtype == "bfloat16" && !fast_bf16)
     std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
-  if (model->bf16_residual() && dtype == "bfloat16") std::printf("  residual stream: bfloat16\n");
+  if (bf16_stream) std::printf("  residual stream: bfloat16\n");
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
                 (long long)model->activation_checkpointing());
