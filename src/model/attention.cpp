@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "model/causal_attention.h"
+#include "model/rotary_qkv.h"
 #include "model/threaded_linear.h"
 #include "model/torch_compat.h"
 
@@ -36,14 +37,14 @@ AttentionImpl::AttentionImpl(int64_t d_model, int64_t n_heads, double init_std, 
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTD, const RotaryTables& rope) {
   const int64_t B = x_BTD.size(0), T = x_BTD.size(1), D = x_BTD.size(2);
-  // [B, T, 3, H, Dh] → three [B, H, T, Dh]
-  auto qkv_3BHTd = threaded_linear(x_BTD, qkv->weight).view({B, T, 3, n_heads_, head_dim_}).permute({2, 0, 3, 1, 4});
-  auto q = apply_rotary(qkv_3BHTd[0], rope);
-  auto k = apply_rotary(qkv_3BHTd[1], rope);
+  auto qkv_BTC = threaded_linear(x_BTD, qkv->weight);
+  // q, k rotated, v; all [B, H, T, Dh] (model/rotary_qkv.h)
+  const auto [q, k, v] = fused_rotary_enabled() ? rotary_qkv(qkv_BTC, n_heads_, rope)
+                                                : rotary_qkv_composite(qkv_BTC, n_heads_, rope);
   // LibTorch 1.13 has no fused attention: on the CPU (not under autocast) our
   // threaded Function (model/causal_attention.h), elsewhere compat's.
   const bool threaded = !MOECPT_TORCH_AT_LEAST(2, 0) && q.is_cpu() && !compat::autocast_enabled(q.device());
-  auto y_BHTd = threaded ? causal_attention_threaded(q, k, qkv_3BHTd[2]) : compat::causal_attention(q, k, qkv_3BHTd[2]);
+  auto y_BHTd = threaded ? causal_attention_threaded(q, k, v) : compat::causal_attention(q, k, v);
   return threaded_linear(y_BHTd.transpose(1, 2).reshape({B, T, D}), out->weight);
 }
 
