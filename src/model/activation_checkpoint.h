@@ -18,9 +18,10 @@
 // with the parameters as inputs (which would not see them).
 //
 // fn must be deterministic (same outputs from the same inputs: no dropout, no
-// data-dependent randomness; moecpt's blocks have none). On a GPU, atomics in
-// bf16 scatter-adds may make the rerun differ in the last bits, as in every
-// recompute scheme. With grad mode off (evaluation) fn simply runs.
+// data-dependent randomness; moecpt's blocks have none). On a GPU, a kernel
+// with atomic adds (e.g. MOECPT_MOE_COMBINE=index_add) may make the rerun
+// differ in the last bits, as in every recompute scheme. With grad mode off
+// (evaluation) fn simply runs.
 #pragma once
 #include <functional>
 #include <vector>

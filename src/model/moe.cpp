@@ -8,6 +8,7 @@
 #include "model/expert_ffn.h"
 #include "model/grouped_gemm.h"
 #include "model/moe_expert_parallel.h"
+#include "model/moe_slots.h"
 
 namespace moecpt::model {
 
@@ -128,11 +129,10 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   // 1. router: top-k experts and gates for every token
   // 2. dispatch: sort the T·K token slots by expert id, gather their inputs
   // 3. grouped experts: each expert runs on its contiguous group
-  // 4. combine: weight by gates, scatter-add back to token order
+  // 4. combine: back to token order, gate-weighted sum of each token's K outputs
   // 5. shared experts: applied to every token, added on top
   const int64_t D = x_BTD.size(-1);
   auto x_TD = x_BTD.reshape({-1, D});
-  const int64_t K = router->top_k();
 
   // Each phase is a profiler user scope (train/op_profile.h; free when no
   // profiler runs): `moecpt bench train --profile` shows where a step goes.
@@ -144,16 +144,18 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   }
   const auto& r = out.routing;
 
-  // 2. Slot s = t·K + j holds token t's j-th choice; a stable sort groups by expert.
+  // 2. Slot s = t·K + j holds token t's j-th choice; a stable sort groups by
+  // expert (model/moe_slots.h: gathers forward and backward, no atomics).
   // The slots are gathered in the experts' dtype (bf16 under autocast): the
-  // K-fold copy and, backward, its scatter-add move half the bytes of fp32.
-  torch::Tensor order_S, token_idx_S, x_SD;
+  // K-fold copy and its backward move half the bytes of fp32.
+  const bool gather = gather_combine_enabled();
+  SlotOrder slots;
+  torch::Tensor x_SD;
   {
     RECORD_USER_SCOPE("moe.dispatch");
-    auto ids_S = r.topk_ids_TK.reshape({-1});
-    order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
-    token_idx_S = order_S.div(K, "floor");
-    x_SD = x_TD.to(experts->compute_dtype(x_TD)).index_select(0, token_idx_S);
+    slots = sort_slots_by_expert(r.topk_ids_TK);
+    auto x_in = x_TD.to(experts->compute_dtype(x_TD));
+    x_SD = gather ? dispatch_slots(x_in, slots) : dispatch_slots_index_select(x_in, slots);
   }
 
   // 3. (expert parallel: on the experts' ranks, model/moe_expert_parallel.h)
@@ -168,9 +170,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   torch::Tensor y_TD;
   {
     RECORD_USER_SCOPE("moe.combine");
-    auto gates_S = r.gates_TK.reshape({-1}).index_select(0, order_S).to(y_SD.scalar_type());
-    y_TD = torch::zeros({x_TD.size(0), D}, y_SD.options())
-               .index_add(0, token_idx_S, y_SD * gates_S.unsqueeze(1));
+    y_TD = gather ? combine_slots(y_SD, r.gates_TK, slots) : combine_slots_index_add(y_SD, r.gates_TK, slots);
   }
 
   // 5.

@@ -2,7 +2,7 @@
 //   router (scores → top-k ids and gates)      — router.h
 //   dispatch (sort token slots by expert)      — MoEImpl::forward step 2
 //   grouped experts (every expert on its group) — GroupedExpertsImpl
-//   combine (gate-weighted scatter-add back)   — MoEImpl::forward step 4
+//   combine (gate-weighted sum back per token) — MoEImpl::forward step 4
 // plus S always-on shared experts (DeepSeek-style granular MoE).
 #pragma once
 #include "core/config.h"

@@ -1,0 +1,107 @@
+#include "model/moe_slots.h"
+
+#include <cstdlib>
+
+#include "core/error.h"
+
+namespace moecpt::model {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// x_SD = x_TD[order_S / K]; backward gathers the K slots of each token and sums them.
+class DispatchSlots : public torch::autograd::Function<DispatchSlots> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_TD, const torch::Tensor& token_of_slot_S,
+                               const torch::Tensor& inverse_S, int64_t K) {
+    ctx->save_for_backward({inverse_S});
+    ctx->saved_data["K"] = K;
+    return x_TD.index_select(0, token_of_slot_S);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto inverse_S = ctx->get_saved_variables()[0];
+    const int64_t K = ctx->saved_data["K"].toInt();
+    const auto& g = grads[0];
+    const int64_t S = g.size(0), D = g.size(1);
+    auto g_TKD = g.index_select(0, inverse_S).view({S / K, K, D});
+    auto dx = K == 1 ? g_TKD.squeeze(1) : g_TKD.sum(1);
+    return {dx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// A permutation of rows: y = x[perm]; backward dx = dy[inverse perm].
+class PermuteRows : public torch::autograd::Function<PermuteRows> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& perm,
+                               const torch::Tensor& inverse) {
+    ctx->save_for_backward({inverse});
+    return x.index_select(0, perm);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {grads[0].index_select(0, ctx->get_saved_variables()[0]), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+void check(const torch::Tensor& rows, const SlotOrder& o, const char* what) {
+  if (rows.dim() != 2 || !o.order_S.defined() || o.top_k < 1 || o.order_S.size(0) % o.top_k != 0)
+    throw Error(std::string(what) + ": need [rows, D] and a slot order of T·K slots");
+}
+
+}  // namespace
+
+SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK) {
+  if (topk_ids_TK.dim() != 2) throw Error("sort_slots_by_expert: expert ids must be [T, K]");
+  SlotOrder o;
+  o.top_k = topk_ids_TK.size(1);
+  auto ids_S = topk_ids_TK.reshape({-1});
+  o.order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
+  o.inverse_S = torch::empty_like(o.order_S).scatter_(0, o.order_S, torch::arange(ids_S.size(0), o.order_S.options()));
+  return o;
+}
+
+torch::Tensor dispatch_slots(const torch::Tensor& x_TD, const SlotOrder& o) {
+  check(x_TD, o, "dispatch_slots");
+  if (x_TD.size(0) * o.top_k != o.order_S.size(0))
+    throw Error("dispatch_slots: " + std::to_string(x_TD.size(0)) + " tokens × K = " + std::to_string(o.top_k) +
+                " is not the " + std::to_string(o.order_S.size(0)) + " slots of the order");
+  return DispatchSlots::apply(x_TD, o.order_S.div(o.top_k, "floor"), o.inverse_S, o.top_k);
+}
+
+torch::Tensor combine_slots(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
+  check(y_SD, o, "combine_slots");
+  const int64_t T = gates_TK.size(0), K = o.top_k, D = y_SD.size(1);
+  if (gates_TK.dim() != 2 || gates_TK.size(1) != K || y_SD.size(0) != T * K)
+    throw Error("combine_slots: gates must be [T, K] for T·K = " + std::to_string(y_SD.size(0)) + " slots");
+  if (y_SD.size(0) != o.order_S.size(0))
+    throw Error("combine_slots: " + std::to_string(y_SD.size(0)) + " slot outputs for an order of " +
+                std::to_string(o.order_S.size(0)) + " slots");
+  auto y_TKD = PermuteRows::apply(y_SD, o.inverse_S, o.order_S).view({T, K, D});
+  if (K == 1) return y_TKD.squeeze(1) * gates_TK.to(y_SD.scalar_type());
+  return torch::bmm(gates_TK.to(y_SD.scalar_type()).unsqueeze(1), y_TKD).squeeze(1);
+}
+
+torch::Tensor dispatch_slots_index_select(const torch::Tensor& x_TD, const SlotOrder& o) {
+  check(x_TD, o, "dispatch_slots_index_select");
+  return x_TD.index_select(0, o.order_S.div(o.top_k, "floor"));
+}
+
+torch::Tensor combine_slots_index_add(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
+  check(y_SD, o, "combine_slots_index_add");
+  auto gates_S = gates_TK.reshape({-1}).index_select(0, o.order_S).to(y_SD.scalar_type());
+  return torch::zeros({gates_TK.size(0), y_SD.size(1)}, y_SD.options())
+      .index_add(0, o.order_S.div(o.top_k, "floor"), y_SD * gates_S.unsqueeze(1));
+}
+
+bool gather_combine_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOECPT_MOE_COMBINE");
+    if (!v || !*v || std::string(v) == "gather") return true;
+    if (std::string(v) == "index_add") return false;
+    throw Error("MOECPT_MOE_COMBINE must be 'gather' or 'index_add', got '" + std::string(v) + "'");
+  }();
+  return on;
+}
+
+}  // namespace moecpt::model
