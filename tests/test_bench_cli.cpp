@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include <nlohmann/json.hpp>
 
@@ -93,4 +94,34 @@ TEST(BenchCli, ExpertGemmOptionIsCheckedAndReported) {
   EXPECT_EQ(j["expert_gemm"]["path"], "loop");
   EXPECT_EQ(j["expert_gemm"]["timed_loop_calls"].get<int64_t>(), 2);  // 1 layer × 2 micro-batches × 1 step
   EXPECT_EQ(j["expert_gemm"]["timed_grouped_calls"].get<int64_t>(), 0);
+}
+
+// The A/B switches of session 7's kernels (MOECPT_FUSED_ROPE,
+// MOECPT_MOE_COMBINE) are reported in the JSON with the host's enqueue time,
+// and a bad value is refused by name. setenv reaches the child through popen.
+TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
+  const std::string cmd = "bench train --config " + kRecipes + "mini/granular-sinkhorn.toml" + kTiny +
+                          " --layers 1 --steps 2 --warmup 0 --batch 1 --threads 1 --peak-tflops 1 --json";
+  auto parse = [&] {
+    auto r = moecpt::testing::run_moecpt(cmd);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return r.exit_code == 0 ? nlohmann::json::parse(r.output) : nlohmann::json::object();
+  };
+  auto j = parse();
+  EXPECT_EQ(j["rope"], "fused");
+  EXPECT_EQ(j["moe_combine"], "gather");
+  EXPECT_GT(j["host_ms_per_step"]["median"].get<double>(), 0.0);
+  EXPECT_LE(j["host_ms_per_step"]["median"].get<double>(), j["step_ms"]["max"].get<double>());
+  ::setenv("MOECPT_FUSED_ROPE", "0", 1);
+  ::setenv("MOECPT_MOE_COMBINE", "index_add", 1);
+  j = parse();
+  EXPECT_EQ(j["rope"], "composite");
+  EXPECT_EQ(j["moe_combine"], "index_add");
+  ::setenv("MOECPT_MOE_COMBINE", "atomic", 1);
+  auto bad = moecpt::testing::run_moecpt(cmd);
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("MOECPT_MOE_COMBINE must be 'gather' or 'index_add', got 'atomic'"), std::string::npos)
+      << bad.output;
+  ::unsetenv("MOECPT_FUSED_ROPE");
+  ::unsetenv("MOECPT_MOE_COMBINE");
 }

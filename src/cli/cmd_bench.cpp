@@ -38,6 +38,8 @@
 #include "model/torch_compat.h"
 #include "model/grouped_gemm.h"
 #include "model/moe.h"
+#include "model/moe_slots.h"
+#include "model/rotary_qkv.h"
 #include "model/transformer.h"
 #include "train/op_profile.h"
 #include "train/optimizer.h"
@@ -217,12 +219,16 @@ void run_bench_train(const BenchOptions& o) {
   for (int64_t i = 0; i < o.warmup; ++i) step();
   sync(dev);
   const auto calls_before = model::expert_gemm_calls();
-  std::vector<double> step_s, cpu_s;  // wall clock; CPU time of this process (all threads)
+  // wall clock; CPU time of this process (all threads); wall clock until step()
+  // returns, before the device sync: on a GPU, the host's time to enqueue the
+  // step (close to step_s: the host is the limit, or something syncs inside).
+  std::vector<double> step_s, cpu_s, host_s;
   const auto t_all = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     const std::clock_t c0 = std::clock();
     step();
+    host_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     sync(dev);
     step_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     cpu_s.push_back(double(std::clock() - c0) / CLOCKS_PER_SEC);
@@ -298,6 +304,8 @@ void run_bench_train(const BenchOptions& o) {
       {"activation_checkpointing_every", model->activation_checkpointing()},
       {"residual_dtype", bf16_stream ? "bfloat16" : "float32"},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
+      {"rope", model::fused_rotary_enabled() ? "fused" : "composite"},
+      {"moe_combine", mc.ffn != "moe" ? "none" : model::gather_combine_enabled() ? "gather" : "index_add"},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
@@ -307,6 +315,7 @@ void run_bench_train(const BenchOptions& o) {
                    {"max", 1e3 * *std::max_element(step_s.begin(), step_s.end())},
                    {"mean", 1e3 * total_s / double(o.steps)}}},
       {"cpu_ms_per_step", {{"median", 1e3 * median(cpu_s)}}},  // robust to other load on a shared machine
+      {"host_ms_per_step", {{"median", 1e3 * median(host_s)}}},
       {"tokens_per_s", tokens_per_s},
       {"train_flops_per_token", flops_per_token},
       {"tflops", tflops},
@@ -347,6 +356,10 @@ void run_bench_train(const BenchOptions& o) {
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
               o.unfused_head ? "unfused" : "fused");
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
+  std::printf("  rope: %s (MOECPT_FUSED_ROPE=0: composite)%s\n", model::fused_rotary_enabled() ? "fused" : "composite",
+              mc.ffn != "moe"                    ? ""
+              : model::gather_combine_enabled() ? "; MoE combine: gather (MOECPT_MOE_COMBINE=index_add: atomic)"
+                                                 : "; MoE combine: index_add");
   if (dev.is_cpu() && dtype == "bfloat16" && !fast_bf16)
     std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
@@ -358,6 +371,9 @@ void run_bench_train(const BenchOptions& o) {
   std::printf("  step: %.1f ms median (min %.1f, max %.1f)\n", 1e3 * med_s,
               1e3 * *std::min_element(step_s.begin(), step_s.end()),
               1e3 * *std::max_element(step_s.begin(), step_s.end()));
+  if (dev.is_cuda())
+    std::printf("  host: %.1f ms median to enqueue a step (near the step time: host-bound or a sync inside)\n",
+                1e3 * median(host_s));
   std::printf("  tokens/s: %.0f (process CPU time %.1f ms/step)\n", tokens_per_s, 1e3 * median(cpu_s));
   std::printf("  training FLOPs/token: %lld -> %.4f TFLOP/s\n", (long long)flops_per_token, tflops);
   if (peak > 0)
