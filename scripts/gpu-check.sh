@@ -6,9 +6,12 @@
 #   2. configure against the LibTorch of python3's torch, build `moecpt`
 #   3. `moecpt bench train` on recipes/paper/{granular-sinkhorn,dense}.toml,
 #      --device cuda --dtype bfloat16 (fused AdamW, grouped expert GEMMs)
-#   4. the same Granular step with LibTorch's AdamW loop (MOECPT_FUSED_ADAMW=0),
-#      with activation checkpointing at twice the batch, and Granular and dense
-#      with the bf16 residual stream (run.residual_dtype = "bfloat16")
+#   4. A/B of session 7's changes: dense with the composite RoPE ops
+#      (MOECPT_FUSED_ROPE=0), Granular with the index_add MoE combine
+#      (MOECPT_MOE_COMBINE=index_add); Granular and dense with the bf16 residual
+#      stream (run.residual_dtype = "bfloat16"); Granular with LibTorch's AdamW
+#      loop (MOECPT_FUSED_ADAMW=0) and with activation checkpointing at twice
+#      the batch
 #   5. one profiled step each of dense and Granular-Sinkhorn (`--profile`:
 #      GPU time per op from CUDA events)
 #   6. the PyTorch eager peer (bench/pytorch_eager.py --device cuda) on dense
@@ -126,7 +129,8 @@ if r.get("impl") == "pytorch_eager":
 elif "tokens_per_s" in r:
     e = r.get("expert_gemm", {})
     print(f"  {r['model']['n_layers']} layers, batch {r['batch_sequences']}x{r['model']['seq_len']}: "
-          f"{r['step_ms']['median']:.1f} ms/step, {r['tokens_per_s']:.0f} tok/s, {r['tflops']:.1f} TFLOP/s, "
+          f"{r['step_ms']['median']:.1f} ms/step (host {r.get('host_ms_per_step', {}).get('median', -1):.1f}), "
+          f"{r['tokens_per_s']:.0f} tok/s, {r['tflops']:.1f} TFLOP/s, "
           f"MFU {100*r['mfu']:.1f}% of {r['peak_tflops']:.0f}; experts {e.get('path')}; "
           f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
@@ -152,33 +156,39 @@ COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmu
 G=recipes/paper/granular-sinkhorn.toml
 if [ "${AB:-0}" = 1 ]; then
   # A short A/B of what is not measured yet, interleaved, then one profiled
-  # dense step with it; sections 3-7 are skipped. Now: the bf16 residual stream
-  # (run.residual_dtype). (Session 6's A/B of the fused head's chunking is in
-  # docs/performance.md with its commit.)
+  # dense step with it; sections 3-7 are skipped. Now: session 7's fused RoPE
+  # (MOECPT_FUSED_ROPE=0: composite ops), gather MoE combine
+  # (MOECPT_MOE_COMBINE=index_add: atomics) and the bf16 residual stream.
   R=(--set run.residual_dtype=bfloat16)
-  log "A/B: residual stream fp32 vs bf16"
-  bench dense 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
-  bench dense-bf16-residual 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}" "${R[@]}"
-  bench granular-sinkhorn 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
-  bench granular-sinkhorn-bf16-residual 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped "${R[@]}"
-  bench dense-2 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
-  bench dense-bf16-residual-2 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}" "${R[@]}"
-  bench dense-bf16-residual-profile 60 bench train --config recipes/paper/dense.toml --device cuda \
+  D=recipes/paper/dense.toml
+  log "A/B: RoPE fused vs composite; MoE combine gather vs index_add; residual fp32 vs bf16"
+  for round in 1 2; do
+    bench dense-$round 60 bench train --config $D "${COMMON[@]}"
+    MOECPT_FUSED_ROPE=0 bench dense-composite-rope-$round 60 bench train --config $D "${COMMON[@]}"
+    bench granular-sinkhorn-$round 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
+    MOECPT_MOE_COMBINE=index_add bench granular-sinkhorn-index-add-$round 75 bench train --config $G "${COMMON[@]}" \
+      --expert-gemm grouped
+    bench dense-bf16-residual-$round 60 bench train --config $D "${COMMON[@]}" "${R[@]}"
+  done
+  bench dense-bf16-residual-profile 60 bench train --config $D --device cuda \
     --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 60 --profile-shapes "${R[@]}"
 else
 log "3. training steps, paper recipes, bf16"
 bench granular-sinkhorn-grouped 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
 bench dense 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
-log "4. optimizer A/B; activation checkpointing at twice the batch; bf16 residual stream"
+log "4. A/B: RoPE, MoE combine, bf16 residual stream, optimizer; activation checkpointing at twice the batch"
+MOECPT_FUSED_ROPE=0 bench dense-composite-rope 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+MOECPT_MOE_COMBINE=index_add bench granular-sinkhorn-grouped-index-add 90 bench train --config $G "${COMMON[@]}" \
+  --expert-gemm grouped
+bench granular-sinkhorn-grouped-bf16-residual 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped \
+  --set run.residual_dtype=bfloat16
+bench dense-bf16-residual 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}" \
+  --set run.residual_dtype=bfloat16
 MOECPT_FUSED_ADAMW=0 bench granular-sinkhorn-grouped-adamw-loop 90 bench train --config $G "${COMMON[@]}" \
   --expert-gemm grouped
 bench granular-sinkhorn-grouped-ac-b2x 120 bench train --config $G --device cuda --dtype bfloat16 \
   --batch $((BATCH * 2)) --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
   --set train.activation_checkpointing=full
-bench granular-sinkhorn-grouped-bf16-residual 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped \
-  --set run.residual_dtype=bfloat16
-bench dense-bf16-residual 60 bench train --config recipes/paper/dense.toml "${COMMON[@]}" \
-  --set run.residual_dtype=bfloat16
 log "5. one profiled step (GPU time per op)"
 bench dense-profile 75 bench train --config recipes/paper/dense.toml --device cuda --dtype bfloat16 \
   --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 60 --profile-shapes
