@@ -94,7 +94,9 @@ void TransformerImpl::set_activation_checkpointing(int64_t every) {
 
 torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& tokens_BT, std::vector<RoutingInfo>& routing) {
   const int64_t T = tokens_BT.size(1);
-  const auto rope = rotary_tables(T, mc_.d_model / mc_.n_heads, mc_.rope_theta, tokens_BT.device());
+  auto rope = rotary_tables(T, mc_.d_model / mc_.n_heads, mc_.rope_theta, tokens_BT.device());
+  // Under autocast q and k are bf16: cast the tables once here, not in every layer.
+  if (compat::autocast_enabled(tokens_BT.device())) rope = {rope.cos_TR.to(torch::kBFloat16), rope.sin_TR.to(torch::kBFloat16)};
   auto x_BTD = tok_emb(tokens_BT);
   if (bf16_residual_ && compat::autocast_enabled(x_BTD.device())) x_BTD = x_BTD.to(torch::kBFloat16);
   const bool recompute = ac_every_ > 0 && torch::GradMode::is_enabled();
