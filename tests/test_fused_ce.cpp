@@ -82,6 +82,39 @@ TEST(FusedLinearCrossEntropy, Bf16AutocastIsCloseToFp32) {
   loss.backward();
   EXPECT_EQ(xr.grad().scalar_type(), torch::kFloat32);
   EXPECT_EQ(wr.grad().scalar_type(), torch::kFloat32);
+  // The gradients too, against the fp32 reference (bf16 products: ~1 %).
+  auto x32 = x.clone().requires_grad_(), w32 = w.clone().requires_grad_();
+  {
+    compat::NoAutocast off;
+    reference_ce(x32, w32, t).backward();
+  }
+  auto rel = [](const torch::Tensor& a, const torch::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); };
+  EXPECT_LT(rel(xr.grad(), x32.grad()), 0.02);
+  EXPECT_LT(rel(wr.grad(), w32.grad()), 0.02);
+}
+
+TEST(FusedLinearCrossEntropy, ConfidentRowsKeepTheirSmallGradientUnderBf16) {
+  // Row n: logit 11 for its target n, 0 for the other V − 1 = 63 classes, so
+  // p_t = 1 / (1 + 63 e^−11) ≈ 1 − 1.05e-3 and the target's gradient entry is
+  // p_t − 1 ≈ −1.05e-3. bf16 has steps of 2^-8 just below 1: exp to bf16 and
+  // then − 1 would give 0 (or −3.9e-3). The head takes expm1 of the fp32
+  // log-probability instead. 11 and 1 are exact in bf16.
+  const int64_t N = 8, V = 64;
+  auto x = torch::eye(N);
+  auto w = torch::zeros({V, N});
+  for (int64_t n = 0; n < N; ++n) w[n][n] = 11.0;
+  auto t = torch::arange(N, torch::kInt64);
+  auto xr = x.to(torch::kFloat64).requires_grad_();
+  reference_ce(xr, w.to(torch::kFloat64), t).backward();
+  compat::Autocast autocast(torch::kCPU);
+  auto xb = x.clone().requires_grad_();
+  fused_linear_cross_entropy(xb, w, t).backward();
+  // dL/dx_n = Σ_v g_nv w_v / N; column n is non-zero only in w_n: g_nn · 11 / N
+  for (int64_t n = 0; n < N; ++n) {
+    const double want = xr.grad()[n][n].item<double>(), got = xb.grad()[n][n].item<double>();
+    EXPECT_NEAR(want, -1.05e-3 * 11.0 / double(N), 0.02e-3 * 11.0 / double(N));
+    EXPECT_NEAR(got, want, 0.01 * std::abs(want)) << "row " << n;
+  }
 }
 
 TEST(FusedLinearCrossEntropy, TransformerForwardLossEqualsLogitsPath) {

@@ -38,7 +38,7 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       loss_sum[t] = torch::zeros({}, x_ND.options().dtype(acc));
       if (need_grad) grad_w[t] = torch::zeros({V, w_VD.size(1)}, w_VD.options().dtype(acc));
     }
-    // One logits buffer and one probability buffer per thread, reused by its
+    // One logits buffer and one log-probability buffer per thread, reused by its
     // chunks: a fresh [rows, V] tensor per chunk is a large allocation, and
     // its page faults serialise the threads in the kernel (measured: two
     // threads no faster than one).
@@ -49,14 +49,16 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       probs_buf[t] = torch::empty({buf_rows, V}, x.options().dtype(acc));
     }
     const double inv_n = 1.0 / double(N);
-    // Per chunk, besides the matmuls, a max (no exp) and one fused softmax
-    // over its [rows, V] logits (one exp per logit):
-    //   m, a = max_v logits              p = softmax(logits)
-    //   lse  = m − log p[a]              (p[a] ≥ 1/V: no underflow, unlike log p[target])
-    //   loss += Σ (lse − logits[target])
-    //   g    = p − onehot                (in place; one element per row)
+    // Per chunk, besides the matmuls, one fused log-softmax over its [rows, V]
+    // logits (fp32) and one exp pass for the gradient:
+    //   l    = log_softmax(logits)       loss += −Σ l[target]
+    //   g    = exp(l) − onehot           written in the matmuls' dtype; at the
+    //                                    target expm1(l[t]), exact in fp32 even
+    //                                    where p_t ≈ 1 (g_t then ≈ −(1 − p_t))
     // and the 1/N of the mean goes into the small products, not the big
     // [rows, V] gradient: dx_c = (g W) / N, dW += gᵀ x_c / N (matmul alpha).
+    // (Before: a max pass, the softmax, p − onehot in fp32 and a cast: one
+    // more full read of the logits per chunk.)
     auto run_chunk = [&](int64_t chunk, int64_t t) {
       const int64_t start = chunk * chunk_rows, n = std::min(chunk_rows, N - start);
       auto x_c = x.narrow(0, start, n);
@@ -64,22 +66,24 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       auto logits_mm = logits_buf[t].narrow(0, 0, n);
       at::mm_out(logits_mm, x_c, w.t());
       auto logits = logits_mm.to(acc);  // [n, V]; the buffer itself unless bf16
-      auto [m, arg_m] = logits.max(1, /*keepdim=*/true);
-      auto target_logit = logits.gather(1, t_c);
-      auto p = probs_buf[t].narrow(0, 0, n);
-      at::_softmax_out(p, logits, 1, /*half_to_float=*/false);
-      auto lse = m - p.gather(1, arg_m).log();
-      loss_sum[t] += (lse - target_logit).sum();
+      auto l = probs_buf[t].narrow(0, 0, n);
+      at::_log_softmax_out(l, logits, 1, /*half_to_float=*/false);
+      auto l_target = l.gather(1, t_c);
+      loss_sum[t] -= l_target.sum();
       if (!need_grad) return;
-      p.scatter_add_(1, t_c, torch::full({n, 1}, -1.0, p.options()));
+      auto g_target = l_target.expm1();
       auto gx = grad_x.narrow(0, start, n);
       if (low_precision) {  // bf16 products, fp32 accumulators
-        auto g = p.to(mm_dtype);
+        auto g = logits_mm;  // the bf16 logits are no longer needed
+        at::exp_out(g, l);
+        g.scatter_(1, t_c, g_target.to(g.scalar_type()));
         gx.copy_(torch::mm(g, w)).mul_(inv_n);
         grad_w[t].add_(torch::mm(g.t(), x_c), inv_n);
       } else {
-        at::addmm_out(gx, gx, p, w, /*beta=*/0.0, /*alpha=*/inv_n);
-        grad_w[t].addmm_(p.t(), x_c, /*beta=*/1.0, /*alpha=*/inv_n);
+        auto g = l.exp_();
+        g.scatter_(1, t_c, g_target);
+        at::addmm_out(gx, gx, g, w, /*beta=*/0.0, /*alpha=*/inv_n);
+        grad_w[t].addmm_(g.t(), x_c, /*beta=*/1.0, /*alpha=*/inv_n);
       }
     };
     // Worker t takes the chunks [t·n/T, (t+1)·n/T): contiguous, balanced to one chunk.

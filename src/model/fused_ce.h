@@ -3,7 +3,7 @@
 //   loss = mean_n ( logsumexp_v (x_n · w_v) − x_n · w_{t_n} )
 //
 // The rows are processed in chunks (a few MiB of logits each): logits, their
-// max and softmax (log-sum-exp from the softmax at the max), loss, and — since
+// log-softmax (one fused kernel), loss, and — since
 // the loss is a scalar — the gradients dL/dx = (softmax − onehot) W / N and
 // dL/dW = (softmax − onehot)ᵀ x / N, all in the forward pass. backward() only scales them by the incoming gradient.
 // This removes the eager path's full-size log_softmax, its backward, the
