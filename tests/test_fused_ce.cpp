@@ -2,6 +2,8 @@
 // reference (logits = x Wᵀ, then cross_entropy), and finite differences.
 #include <gtest/gtest.h>
 
+#include <iostream>
+
 #include "gradcheck.h"
 
 #include "core/error.h"
@@ -114,6 +116,37 @@ TEST(FusedLinearCrossEntropy, ConfidentRowsKeepTheirSmallGradientUnderBf16) {
     const double want = xr.grad()[n][n].item<double>(), got = xb.grad()[n][n].item<double>();
     EXPECT_NEAR(want, -1.05e-3 * 11.0 / double(N), 0.02e-3 * 11.0 / double(N));
     EXPECT_NEAR(got, want, 0.01 * std::abs(want)) << "row " << n;
+  }
+}
+
+// The GPU path (bf16 autocast, GPU chunking, fp32 logits from the matmul where
+// LibTorch has mm.dtype_out) against the CPU fp64 reference. Skipped without
+// a CUDA device; scripts/gpu-check.sh runs the suite on the GPU machine.
+TEST(FusedLinearCrossEntropy, OnCudaUnderAutocastMatchesTheFp64Reference) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "needs a CUDA device";
+  torch::manual_seed(6);
+  const int64_t N = 300, D = 64, V = 5000;
+  auto x = torch::randn({N, D}, torch::kFloat64), w = torch::randn({V, D}, torch::kFloat64) * 0.3;
+  auto t = torch::randint(V, {N}, torch::kInt64);
+  auto xr = x.clone().requires_grad_(), wr = w.clone().requires_grad_();
+  auto ref = reference_ce(xr, wr, t);
+  ref.backward();
+  auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+    return ((a.to(torch::kCPU, torch::kFloat64) - b).norm() / b.norm()).item<double>();
+  };
+  for (int64_t chunk : {0, 128}) {  // 0: the GPU default (one chunk here); 128: three chunks
+    auto xc = x.to(torch::kCUDA, torch::kFloat32).requires_grad_();
+    auto wc = w.to(torch::kCUDA, torch::kFloat32).requires_grad_();
+    torch::Tensor loss;
+    {
+      compat::Autocast autocast(torch::kCUDA);
+      loss = fused_linear_cross_entropy(xc, wc, t.to(torch::kCUDA), chunk);
+    }
+    loss.backward();
+    std::cout << "chunk " << chunk << ": fp32 logits from the matmul: " << fused_head_fp32_logits() << "\n";
+    EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 0.01 * ref.item<double>()) << "chunk " << chunk;
+    EXPECT_LT(rel(xc.grad(), xr.grad()), 0.03) << "chunk " << chunk;
+    EXPECT_LT(rel(wc.grad(), wr.grad()), 0.03) << "chunk " << chunk;
   }
 }
 

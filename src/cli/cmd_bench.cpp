@@ -298,6 +298,7 @@ void run_bench_train(const BenchOptions& o) {
       {"gpu", gpu},
       {"dtype", dtype},
       {"head", o.unfused_head ? "unfused (logits + cross_entropy)" : "fused linear + cross-entropy"},
+      {"head_fp32_logits", !o.unfused_head && model::fused_head_fp32_logits()},  // MOECPT_HEAD_FP32_MM
       {"threads", threads},
       {"batch_sequences", B},
       {"accum_micro_batches", accum},
@@ -354,7 +355,9 @@ void run_bench_train(const BenchOptions& o) {
     std::printf("  layers: %lld\n", (long long)mc.n_layers);
   std::printf("  device: %s%s, dtype %s, %d threads, %s head\n", device_name.c_str(),
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
-              o.unfused_head ? "unfused" : "fused");
+              o.unfused_head                      ? "unfused"
+              : model::fused_head_fp32_logits() ? "fused (fp32 logits from the matmul; MOECPT_HEAD_FP32_MM=0: cast)"
+                                                  : "fused");
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
   std::printf("  rope: %s (MOECPT_FUSED_ROPE=0: composite)%s\n", model::fused_rotary_enabled() ? "fused" : "composite",
               mc.ffn != "moe"                    ? ""

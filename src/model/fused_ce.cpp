@@ -1,6 +1,7 @@
 #include "model/fused_ce.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 
 #include "core/error.h"
@@ -10,6 +11,28 @@
 namespace moecpt::model {
 
 namespace {
+
+// aten::mm.dtype_out: bf16 × bf16 → fp32 straight from cuBLAS's fp32
+// accumulator (CUDA only; recent LibTorch). Looked up in the dispatcher at run
+// time, so this compiles against every LibTorch and falls back where the op is
+// missing. MOECPT_HEAD_FP32_MM=0 turns it off (A/B runs).
+using MmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, c10::ScalarType, at::Tensor&);
+const auto& mm_dtype_out_op() {
+  static const auto op = []() -> c10::optional<c10::TypedOperatorHandle<MmDtypeOut>> {
+    const char* v = std::getenv("MOECPT_HEAD_FP32_MM");
+    if (v && std::string(v) == "0") return c10::nullopt;
+    auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
+    if (!h) return c10::nullopt;
+    try {
+      return h->typed<MmDtypeOut>();
+    } catch (const c10::Error&) {  // a different signature than expected: keep the cast
+      return c10::nullopt;
+    }
+  }();
+  return op;
+}
+
+std::atomic<bool> g_fp32_logits_last{false};
 
 class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCrossEntropy> {
  public:
@@ -43,10 +66,18 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
     // its page faults serialise the threads in the kernel (measured: two
     // threads no faster than one).
     const int64_t buf_rows = std::min(chunk_rows, N);
-    std::vector<torch::Tensor> logits_buf(static_cast<size_t>(n_threads)), probs_buf(static_cast<size_t>(n_threads));
+    // On a GPU in bf16, cuBLAS writes the logits in fp32 where LibTorch has
+    // mm.dtype_out: no bf16 logits and no cast pass (1.5 bytes per logit less
+    // traffic, and logits not rounded to bf16). The bf16 buffer then holds
+    // the gradient only.
+    const bool fp32_logits = low_precision && x.is_cuda() && acc == torch::kFloat32 && mm_dtype_out_op().has_value();
+    g_fp32_logits_last = fp32_logits;
+    std::vector<torch::Tensor> logits_buf(static_cast<size_t>(n_threads)), probs_buf(static_cast<size_t>(n_threads)),
+        logits32_buf(fp32_logits ? static_cast<size_t>(n_threads) : 0);
     for (int64_t t = 0; t < n_threads; ++t) {
       logits_buf[t] = torch::empty({buf_rows, V}, x.options());
       probs_buf[t] = torch::empty({buf_rows, V}, x.options().dtype(acc));
+      if (fp32_logits) logits32_buf[t] = torch::empty({buf_rows, V}, x.options().dtype(acc));
     }
     const double inv_n = 1.0 / double(N);
     // Per chunk, besides the matmuls, one fused log-softmax over its [rows, V]
@@ -64,8 +95,14 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       auto x_c = x.narrow(0, start, n);
       auto t_c = targets_N.narrow(0, start, n).unsqueeze(1);
       auto logits_mm = logits_buf[t].narrow(0, 0, n);
-      at::mm_out(logits_mm, x_c, w.t());
-      auto logits = logits_mm.to(acc);  // [n, V]; the buffer itself unless bf16
+      torch::Tensor logits;  // [n, V] in acc
+      if (fp32_logits) {
+        logits = logits32_buf[t].narrow(0, 0, n);
+        mm_dtype_out_op()->call(x_c, w.t(), torch::kFloat32, logits);
+      } else {
+        at::mm_out(logits_mm, x_c, w.t());
+        logits = logits_mm.to(acc);  // the buffer itself unless bf16
+      }
       auto l = probs_buf[t].narrow(0, 0, n);
       at::_log_softmax_out(l, logits, 1, /*half_to_float=*/false);
       auto l_target = l.gather(1, t_c);
@@ -109,6 +146,8 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
 };
 
 }  // namespace
+
+bool fused_head_fp32_logits() { return g_fp32_logits_last; }
 
 int64_t default_ce_chunk_rows(const torch::Device& device, int64_t vocab) {
   if (const char* v = std::getenv("MOECPT_CE_CHUNK_ROWS"); v && *v) {

@@ -11,7 +11,8 @@
 // (N·V = 2048 × 8192 = 64 MiB per copy on the mini models).
 //
 // Softmax and the loss are fp32. Under bf16 autocast the three matmuls run in
-// bf16 (like the unfused head would), accumulation of dL/dW in fp32.
+// bf16 (like the unfused head would), accumulation of dL/dW in fp32; on a GPU
+// the logits come out of the matmul in fp32 where LibTorch can (below).
 // Gradients are only computed when grad mode is on and x or w requires them.
 // Every target must be in [0, V) (no ignore index; checked only in debug use).
 #pragma once
@@ -26,6 +27,11 @@ namespace moecpt::model {
 // 2^28 / V) on a GPU (1 GiB of fp32 logits: few passes over the fp32 dL/dW
 // accumulator); MOECPT_CE_CHUNK_ROWS overrides both (an error if not a positive integer).
 int64_t default_ce_chunk_rows(const torch::Device& device, int64_t vocab);
+
+// Whether the last call had cuBLAS write its logits in fp32 (aten::mm.dtype_out:
+// CUDA, bf16 autocast, a LibTorch that has the op, MOECPT_HEAD_FP32_MM not 0)
+// instead of casting bf16 logits. For `bench train`'s report.
+bool fused_head_fp32_logits();
 
 torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch::Tensor& w_VD,
                                          const torch::Tensor& targets_N, int64_t chunk_rows = 0);
