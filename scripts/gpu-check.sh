@@ -7,7 +7,8 @@
 #   3. `moecpt bench train` on recipes/paper/{granular-sinkhorn,dense}.toml,
 #      --device cuda --dtype bfloat16 (fused AdamW, grouped expert GEMMs)
 #   4. A/B of session 7's changes: dense with the composite RoPE ops
-#      (MOECPT_FUSED_ROPE=0), Granular with the index_add MoE combine
+#      (MOECPT_FUSED_ROPE=0), dense with bf16 logits cast to fp32 in the head
+#      (MOECPT_HEAD_FP32_MM=0), Granular with the index_add MoE combine
 #      (MOECPT_MOE_COMBINE=index_add); Granular and dense with the bf16 residual
 #      stream (run.residual_dtype = "bfloat16"); Granular with LibTorch's AdamW
 #      loop (MOECPT_FUSED_ADAMW=0) and with activation checkpointing at twice
@@ -157,7 +158,7 @@ G=recipes/paper/granular-sinkhorn.toml
 if [ "${AB:-0}" = 1 ]; then
   # A short A/B of what is not measured yet, interleaved, then one profiled
   # dense step with it; sections 3-7 are skipped. Now: session 7's fused RoPE
-  # (MOECPT_FUSED_ROPE=0: composite ops), gather MoE combine
+  # (MOECPT_FUSED_ROPE=0: composite ops), fp32 head logits (MOECPT_HEAD_FP32_MM=0), gather MoE combine
   # (MOECPT_MOE_COMBINE=index_add: atomics) and the bf16 residual stream.
   R=(--set run.residual_dtype=bfloat16)
   D=recipes/paper/dense.toml
@@ -165,6 +166,7 @@ if [ "${AB:-0}" = 1 ]; then
   for round in 1 2; do
     bench dense-$round 60 bench train --config $D "${COMMON[@]}"
     MOECPT_FUSED_ROPE=0 bench dense-composite-rope-$round 60 bench train --config $D "${COMMON[@]}"
+    MOECPT_HEAD_FP32_MM=0 bench dense-head-bf16-logits-$round 60 bench train --config $D "${COMMON[@]}"
     bench granular-sinkhorn-$round 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
     MOECPT_MOE_COMBINE=index_add bench granular-sinkhorn-index-add-$round 75 bench train --config $G "${COMMON[@]}" \
       --expert-gemm grouped
@@ -178,6 +180,7 @@ bench granular-sinkhorn-grouped 90 bench train --config $G "${COMMON[@]}" --expe
 bench dense 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
 log "4. A/B: RoPE, MoE combine, bf16 residual stream, optimizer; activation checkpointing at twice the batch"
 MOECPT_FUSED_ROPE=0 bench dense-composite-rope 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+MOECPT_HEAD_FP32_MM=0 bench dense-head-bf16-logits 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
 MOECPT_MOE_COMBINE=index_add bench granular-sinkhorn-grouped-index-add 90 bench train --config $G "${COMMON[@]}" \
   --expert-gemm grouped
 bench granular-sinkhorn-grouped-bf16-residual 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped \
