@@ -66,7 +66,8 @@ RoutingInfo SinkhornRouter::route(const torch::Tensor& x_TD) {
   }
   r.gates_TK = gather_gates(gate_scores_TE, r.topk_ids_TK);
   r.tokens_per_expert_E = count_tokens(r.topk_ids_TK);
-  r.scores_TE = torch::softmax(logits_TE.detach(), -1);
+  // The routing statistics' scores are the softmax: the gate scores themselves unless k = 1.
+  r.scores_TE = top_k_ == 1 ? torch::softmax(logits_TE.detach(), -1) : gate_scores_TE.detach();
   r.aux_loss = zero_scalar(logits_TE);
   r.z_loss = zero_scalar(logits_TE);
   return r;
