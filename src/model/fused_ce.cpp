@@ -5,6 +5,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "model/cpu_parallel.h"
 #include "model/torch_compat.h"
 
@@ -33,6 +34,9 @@ const auto& mm_dtype_out_op() {
 }
 
 std::atomic<bool> g_fp32_logits_last{false};
+// Set when mm.dtype_out threw at its first use (e.g. a LibTorch whose kernel
+// refuses these operands): the process then keeps the bf16 logits + cast.
+std::atomic<bool> g_mm_dtype_out_failed{false};
 
 class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCrossEntropy> {
  public:
@@ -70,8 +74,8 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
     // mm.dtype_out: no bf16 logits and no cast pass (1.5 bytes per logit less
     // traffic, and logits not rounded to bf16). The bf16 buffer then holds
     // the gradient only.
-    const bool fp32_logits = low_precision && x.is_cuda() && acc == torch::kFloat32 && mm_dtype_out_op().has_value();
-    g_fp32_logits_last = fp32_logits;
+    const bool fp32_logits = low_precision && x.is_cuda() && acc == torch::kFloat32 &&
+                             mm_dtype_out_op().has_value() && !g_mm_dtype_out_failed;
     std::vector<torch::Tensor> logits_buf(static_cast<size_t>(n_threads)), probs_buf(static_cast<size_t>(n_threads)),
         logits32_buf(fp32_logits ? static_cast<size_t>(n_threads) : 0);
     for (int64_t t = 0; t < n_threads; ++t) {
@@ -96,10 +100,18 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       auto t_c = targets_N.narrow(0, start, n).unsqueeze(1);
       auto logits_mm = logits_buf[t].narrow(0, 0, n);
       torch::Tensor logits;  // [n, V] in acc
-      if (fp32_logits) {
-        logits = logits32_buf[t].narrow(0, 0, n);
-        mm_dtype_out_op()->call(x_c, w.t(), torch::kFloat32, logits);
-      } else {
+      if (fp32_logits && !g_mm_dtype_out_failed) {
+        auto out = logits32_buf[t].narrow(0, 0, n);
+        try {
+          mm_dtype_out_op()->call(x_c, w.t(), torch::kFloat32, out);
+          logits = out;
+        } catch (const c10::Error& e) {
+          if (!g_mm_dtype_out_failed.exchange(true))
+            log::warn(std::string("fused head: aten::mm.dtype_out failed, using bf16 logits + cast from now on: ") +
+                      e.what_without_backtrace());
+        }
+      }
+      if (!logits.defined()) {
         at::mm_out(logits_mm, x_c, w.t());
         logits = logits_mm.to(acc);  // the buffer itself unless bf16
       }
@@ -128,6 +140,7 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       const auto [c0, c1] = share(n_chunks, n_threads, t);
       for (int64_t c = c0; c < c1; ++c) run_chunk(c, t);
     });
+    g_fp32_logits_last = fp32_logits && !g_mm_dtype_out_failed;
     for (int64_t t = 1; t < n_threads; ++t) {
       loss_sum[0] += loss_sum[t];
       if (need_grad) grad_w[0] += grad_w[t];
