@@ -45,7 +45,8 @@ class PermuteRows : public torch::autograd::Function<PermuteRows> {
 };
 
 void check(const torch::Tensor& rows, const SlotOrder& o, const char* what) {
-  if (rows.dim() != 2 || !o.order_S.defined() || o.top_k < 1 || o.order_S.size(0) % o.top_k != 0)
+  if (rows.dim() != 2 || !o.order_S.defined() || !o.token_S.defined() || o.top_k < 1 ||
+      o.order_S.size(0) % o.top_k != 0)
     throw Error(std::string(what) + ": need [rows, D] and a slot order of T·K slots");
 }
 
@@ -58,6 +59,7 @@ SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK) {
   auto ids_S = topk_ids_TK.reshape({-1});
   o.order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
   o.inverse_S = torch::empty_like(o.order_S).scatter_(0, o.order_S, torch::arange(ids_S.size(0), o.order_S.options()));
+  o.token_S = o.order_S.div(o.top_k, "floor");
   return o;
 }
 
@@ -66,7 +68,7 @@ torch::Tensor dispatch_slots(const torch::Tensor& x_TD, const SlotOrder& o) {
   if (x_TD.size(0) * o.top_k != o.order_S.size(0))
     throw Error("dispatch_slots: " + std::to_string(x_TD.size(0)) + " tokens × K = " + std::to_string(o.top_k) +
                 " is not the " + std::to_string(o.order_S.size(0)) + " slots of the order");
-  return DispatchSlots::apply(x_TD, o.order_S.div(o.top_k, "floor"), o.inverse_S, o.top_k);
+  return DispatchSlots::apply(x_TD, o.token_S, o.inverse_S, o.top_k);
 }
 
 torch::Tensor combine_slots(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
@@ -84,14 +86,14 @@ torch::Tensor combine_slots(const torch::Tensor& y_SD, const torch::Tensor& gate
 
 torch::Tensor dispatch_slots_index_select(const torch::Tensor& x_TD, const SlotOrder& o) {
   check(x_TD, o, "dispatch_slots_index_select");
-  return x_TD.index_select(0, o.order_S.div(o.top_k, "floor"));
+  return x_TD.index_select(0, o.token_S);
 }
 
 torch::Tensor combine_slots_index_add(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
   check(y_SD, o, "combine_slots_index_add");
   auto gates_S = gates_TK.reshape({-1}).index_select(0, o.order_S).to(y_SD.scalar_type());
   return torch::zeros({gates_TK.size(0), y_SD.size(1)}, y_SD.options())
-      .index_add(0, o.order_S.div(o.top_k, "floor"), y_SD * gates_S.unsqueeze(1));
+      .index_add(0, o.token_S, y_SD * gates_S.unsqueeze(1));
 }
 
 bool gather_combine_enabled() {

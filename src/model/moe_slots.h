@@ -22,6 +22,7 @@ namespace moecpt::model {
 
 struct SlotOrder {
   torch::Tensor order_S, inverse_S;  // int64 [T·K] on the ids' device
+  torch::Tensor token_S;             // order_S / K: the token of each sorted slot
   int64_t top_k = 1;
 };
 
