@@ -257,6 +257,10 @@ void run_bench_train(const BenchOptions& o) {
   const std::string optimizer_path = fused_opt ? fused_opt->last_path() : "loop";
   const bool fast_bf16 = compat::cpu_has_fast_bf16_matmul();  // reads /proc/cpuinfo
   const bool bf16_stream = model->bf16_residual() && dtype == "bfloat16";  // the cast happens only under autocast
+  // The kernel paths behind the A/B switches, for the JSON and the text alike.
+  const bool head_fp32_logits = !o.unfused_head && model::fused_head_fp32_logits();  // MOECPT_HEAD_FP32_MM
+  const std::string rope_path = model::fused_rotary_enabled() ? "fused" : "composite";
+  const std::string moe_combine = mc.ffn != "moe" ? "none" : model::gather_combine_enabled() ? "gather" : "index_add";
   const std::string expert_path = mc.ffn != "moe"          ? "none"
                                   : grouped_calls && loop_calls ? "mixed"
                                   : grouped_calls              ? "grouped"
@@ -298,15 +302,15 @@ void run_bench_train(const BenchOptions& o) {
       {"gpu", gpu},
       {"dtype", dtype},
       {"head", o.unfused_head ? "unfused (logits + cross_entropy)" : "fused linear + cross-entropy"},
-      {"head_fp32_logits", !o.unfused_head && model::fused_head_fp32_logits()},  // MOECPT_HEAD_FP32_MM
+      {"head_fp32_logits", head_fp32_logits},
       {"threads", threads},
       {"batch_sequences", B},
       {"accum_micro_batches", accum},
       {"activation_checkpointing_every", model->activation_checkpointing()},
       {"residual_dtype", bf16_stream ? "bfloat16" : "float32"},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
-      {"rope", model::fused_rotary_enabled() ? "fused" : "composite"},
-      {"moe_combine", mc.ffn != "moe" ? "none" : model::gather_combine_enabled() ? "gather" : "index_add"},
+      {"rope", rope_path},
+      {"moe_combine", moe_combine},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
@@ -355,14 +359,14 @@ void run_bench_train(const BenchOptions& o) {
     std::printf("  layers: %lld\n", (long long)mc.n_layers);
   std::printf("  device: %s%s, dtype %s, %d threads, %s head\n", device_name.c_str(),
               gpu.empty() ? "" : (" (" + gpu + ")").c_str(), dtype.c_str(), threads,
-              o.unfused_head                      ? "unfused"
-              : model::fused_head_fp32_logits() ? "fused (fp32 logits from the matmul; MOECPT_HEAD_FP32_MM=0: cast)"
-                                                  : "fused");
+              o.unfused_head     ? "unfused"
+              : head_fp32_logits ? "fused (fp32 logits from the matmul; MOECPT_HEAD_FP32_MM=0: cast)"
+                                 : "fused");
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
-  std::printf("  rope: %s (MOECPT_FUSED_ROPE=0: composite)%s\n", model::fused_rotary_enabled() ? "fused" : "composite",
-              mc.ffn != "moe"                    ? ""
-              : model::gather_combine_enabled() ? "; MoE combine: gather (MOECPT_MOE_COMBINE=index_add: atomic)"
-                                                 : "; MoE combine: index_add");
+  std::printf("  rope: %s (MOECPT_FUSED_ROPE=0: composite)%s\n", rope_path.c_str(),
+              moe_combine == "none"     ? ""
+              : moe_combine == "gather" ? "; MoE combine: gather (MOECPT_MOE_COMBINE=index_add: atomic)"
+                                        : "; MoE combine: index_add");
   if (dev.is_cpu() && dtype == "bfloat16" && !fast_bf16)
     std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
