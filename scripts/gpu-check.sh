@@ -88,12 +88,24 @@ elif [ ! -e /usr/include/gtest/gtest.h ]; then
   EXTRA+=(-DMOECPT_BUILD_TESTS=OFF)  # no GoogleTest: the benchmarks only
 fi
 timeout 120 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOECPT_USE_CCACHE=OFF \
-  -DMOECPT_BUILD_BENCH=OFF -DMOECPT_OPENMP="${OPENMP:-ON}" -DCMAKE_PREFIX_PATH="$PREFIX" "${EXTRA[@]}" >"$OUT/build.log" 2>&1 \
+  -DMOECPT_BUILD_BENCH=OFF -DMOECPT_CUDA_KERNELS="${CUDA_KERNELS:-ON}" -DMOECPT_OPENMP="${OPENMP:-ON}" -DCMAKE_PREFIX_PATH="$PREFIX" "${EXTRA[@]}" >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; log "configure FAILED"; exit 2; }
 grep -E "toml\+\+|Found Torch|CUDA" "$OUT/build.log" | head -5
 # -k 0: on failure, every file's errors in one go (a fresh machine per try is costly)
-timeout 330 cmake --build "$BUILD" -j"$JOBS" --target moecpt -- -k 0 >>"$OUT/build.log" 2>&1 \
-  || { grep -E "error:|FAILED:" "$OUT/build.log" | head -60; tail -20 "$OUT/build.log"; log "build of moecpt FAILED"; exit 3; }
+if ! timeout 330 cmake --build "$BUILD" -j"$JOBS" --target moecpt -- -k 0 >>"$OUT/build.log" 2>&1; then
+  grep -E "error|FAILED:" "$OUT/build.log" | head -60; tail -20 "$OUT/build.log"
+  # moecpt's own CUDA kernels are the part no CI machine compiles: without
+  # them the rest still builds and runs (their ATen fallbacks).
+  if grep -q "moecpt CUDA kernels: ON" "$OUT/build.log"; then
+    log "build FAILED with moecpt's CUDA kernels; again without them (MOECPT_CUDA_KERNELS=OFF)"
+    cmake -S . -B "$BUILD" -DMOECPT_CUDA_KERNELS=OFF >>"$OUT/build.log" 2>&1
+    timeout 330 cmake --build "$BUILD" -j"$JOBS" --target moecpt -- -k 0 >>"$OUT/build.log" 2>&1 \
+      || { grep -E "error:|FAILED:" "$OUT/build.log" | tail -40; log "build of moecpt FAILED"; exit 3; }
+  else
+    log "build of moecpt FAILED"; exit 3
+  fi
+fi
+grep -E "moecpt CUDA kernels" "$OUT/build.log" | tail -1
 log "moecpt built"
 BIN=$BUILD/moecpt
 # The test suite builds in the background, niced, two cores left to the
@@ -152,28 +164,44 @@ PY
 bench() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" "$BIN" "$@" --json; }
 eager() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" python3 bench/pytorch_eager.py "$@"; }
 
+print_profiles() {
+python3 - "$OUT/results.jsonl" <<'PY'
+import json, os, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    p = r.get("result", {}).get("profile")
+    if not p: continue
+    print(f"  {r['tag']}: {p['device_ms']:.1f} ms GPU; top ops by GPU self time:")
+    for o in p["ops"][:int(os.environ.get("PROFILE_ROWS", "15"))]:
+        name = (o['op'] + ' ' + o.get('shapes', '')).strip()
+        print(f"    {name[:70]:70s} {o['calls']:6d} {o['device_self_ms']:9.2f} ms")
+PY
+}
 LFLAG=(); [ "$LAYERS" -gt 0 ] && LFLAG=(--layers "$LAYERS")
 COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmup 2 "${LFLAG[@]}")
 G=recipes/paper/granular-sinkhorn.toml
 if [ "${AB:-0}" = 1 ]; then
   # A short A/B of what is not measured yet, interleaved, then one profiled
-  # dense step with it; sections 3-7 are skipped. Now: session 7's fused RoPE
-  # (MOECPT_FUSED_ROPE=0: composite ops), fp32 head logits (MOECPT_HEAD_FP32_MM=0), gather MoE combine
-  # (MOECPT_MOE_COMBINE=index_add: atomics) and the bf16 residual stream.
+  # Granular step by shapes; sections 3-7 are skipped. Now (session 8): moecpt's
+  # CUDA kernels (gated activation, RoPE; MOECPT_CUDA_KERNELS=0: ATen ops), the
+  # elementwise MoE combine against index_add, the bf16 residual stream.
   R=(--set run.residual_dtype=bfloat16)
   D=recipes/paper/dense.toml
-  log "A/B: RoPE fused vs composite; MoE combine gather vs index_add; residual fp32 vs bf16"
+  GG=(--config $G "${COMMON[@]}" --expert-gemm grouped)
+  log "A/B: CUDA kernels on/off; MoE combine elementwise vs index_add; residual fp32 vs bf16"
   for round in 1 2; do
-    bench dense-$round 60 bench train --config $D "${COMMON[@]}"
-    MOECPT_FUSED_ROPE=0 bench dense-composite-rope-$round 60 bench train --config $D "${COMMON[@]}"
-    MOECPT_HEAD_FP32_MM=0 bench dense-head-bf16-logits-$round 60 bench train --config $D "${COMMON[@]}"
-    bench granular-sinkhorn-$round 75 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
-    MOECPT_MOE_COMBINE=index_add bench granular-sinkhorn-index-add-$round 75 bench train --config $G "${COMMON[@]}" \
-      --expert-gemm grouped
-    bench dense-bf16-residual-$round 60 bench train --config $D "${COMMON[@]}" "${R[@]}"
+    [ "$round" = 2 ] && [ "$(left)" -lt 200 ] && { log "skip round 2 (budget)"; break; }
+    bench dense-$round 45 bench train --config $D "${COMMON[@]}"
+    MOECPT_CUDA_KERNELS=0 bench dense-aten-$round 45 bench train --config $D "${COMMON[@]}"
+    bench granular-sinkhorn-$round 60 bench train "${GG[@]}"
+    MOECPT_CUDA_KERNELS=0 bench granular-sinkhorn-aten-$round 60 bench train "${GG[@]}"
+    MOECPT_MOE_COMBINE=index_add bench granular-sinkhorn-index-add-$round 60 bench train "${GG[@]}"
+    bench granular-sinkhorn-bf16-residual-$round 60 bench train "${GG[@]}" "${R[@]}"
+    bench dense-bf16-residual-$round 45 bench train --config $D "${COMMON[@]}" "${R[@]}"
   done
-  bench dense-bf16-residual-profile 60 bench train --config $D --device cuda \
-    --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 60 --profile-shapes "${R[@]}"
+  bench granular-sinkhorn-profile 60 bench train --config $G --device cuda --dtype bfloat16 --batch "$BATCH" \
+    --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped --profile 60 --profile-shapes "${R[@]}"
+  print_profiles
 else
 log "3. training steps, paper recipes, bf16"
 bench granular-sinkhorn-grouped 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped
@@ -197,17 +225,7 @@ bench dense-profile 75 bench train --config recipes/paper/dense.toml --device cu
   --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --profile 60 --profile-shapes
 bench granular-sinkhorn-profile 75 bench train --config $G --device cuda --dtype bfloat16 \
   --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped --profile 40
-python3 - "$OUT/results.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    p = r.get("result", {}).get("profile")
-    if not p: continue
-    print(f"  {r['tag']}: {p['device_ms']:.1f} ms GPU; top ops by GPU self time:")
-    for o in p["ops"][:15]:
-        name = (o['op'] + ' ' + o.get('shapes', '')).strip()
-        print(f"    {name[:70]:70s} {o['calls']:6d} {o['device_self_ms']:9.2f} ms")
-PY
+print_profiles
 log "6. the PyTorch eager peer, same models and batch"
 EAGER=(--recipes paper --device cuda --bf16 --batch "$BATCH" --steps 3 --warmup 2 --layers "${LAYERS/#0/24}")
 eager eager-dense 90 dense "${EAGER[@]}"

@@ -110,6 +110,7 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   auto j = parse();
   EXPECT_EQ(j["rope"], "fused");
   EXPECT_EQ(j["moe_combine"], "gather");
+  EXPECT_EQ(j["cuda_kernels"], false);  // a CPU run
   EXPECT_GT(j["host_ms_per_step"]["median"].get<double>(), 0.0);
   EXPECT_LE(j["host_ms_per_step"]["median"].get<double>(), j["step_ms"]["max"].get<double>());
   ::setenv("MOECPT_FUSED_ROPE", "0", 1);
@@ -122,6 +123,11 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   EXPECT_EQ(bad.exit_code, 1) << bad.output;
   EXPECT_NE(bad.output.find("MOECPT_MOE_COMBINE must be 'gather' or 'index_add', got 'atomic'"), std::string::npos)
       << bad.output;
-  ::unsetenv("MOECPT_FUSED_ROPE");
   ::unsetenv("MOECPT_MOE_COMBINE");
+  ::setenv("MOECPT_CUDA_KERNELS", "yes", 1);
+  bad = moecpt::testing::run_moecpt(cmd);
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("MOECPT_CUDA_KERNELS must be 0 or 1, got 'yes'"), std::string::npos) << bad.output;
+  ::unsetenv("MOECPT_FUSED_ROPE");
+  ::unsetenv("MOECPT_CUDA_KERNELS");
 }

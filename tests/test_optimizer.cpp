@@ -153,3 +153,62 @@ TEST(Optimizer, ClipGradNormOnDeviceFollowsItsDefinition) {
   EXPECT_TRUE(torch::allclose(b.grad(), torch::full({3}, 2.0 * coef), 1e-6));
   EXPECT_FALSE(clip_grad_norm_on_device({c}, 1.0).defined());  // no gradients at all
 }
+
+TEST(Optimizer, APendingGradDivisorScalesOnlyTheNextStep) {
+  // Two optimizers from the same start: one is handed divisor 4 for its first
+  // step, the other gets gradients already divided by 4. Their second steps
+  // (no divisor) must agree as well: the divisor is consumed.
+  torch::manual_seed(7);
+  Toy a, b;
+  {
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < a.parameters().size(); ++i) b.parameters()[i].copy_(a.parameters()[i]);
+  }
+  auto oa = make_adamw(a, optim_config(), FusedAdamW::Mode::kLoop);
+  auto ob = make_adamw(b, optim_config(), FusedAdamW::Mode::kLoop);
+  for (int step = 0; step < 2; ++step) {
+    set_grads(a, step);
+    set_grads(b, step);
+    if (step == 0) {
+      static_cast<FusedAdamW&>(*oa).set_pending_grad_divisor(torch::full({}, 4.0, torch::kFloat32));
+      for (auto& p : b.parameters()) p.mutable_grad().div_(4.0);
+    }
+    oa->step();
+    ob->step();
+    for (size_t i = 0; i < a.parameters().size(); ++i)
+      EXPECT_TRUE(torch::allclose(a.parameters()[i], b.parameters()[i], 1e-12, 1e-12)) << "step " << step;
+    if (step == 0) {
+      EXPECT_TRUE(torch::allclose(a.w.grad(), b.w.grad(), 1e-12, 1e-12));  // scaled in place
+    }
+  }
+}
+
+TEST(Optimizer, ClipFoldedIntoTheFusedStepOnAGpuEqualsClipThenStep) {
+  if (!torch::cuda::is_available() || !FusedAdamW::compiled()) GTEST_SKIP() << "needs a CUDA device and LibTorch >= 2.4";
+  torch::manual_seed(8);
+  auto make = [] {
+    auto m = std::make_shared<Toy>();
+    m->to(torch::kCUDA, torch::kFloat32);
+    return m;
+  };
+  auto a = make(), b = make();
+  {
+    torch::NoGradGuard ng;
+    for (size_t i = 0; i < a->parameters().size(); ++i) b->parameters()[i].copy_(a->parameters()[i]);
+  }
+  auto oa = make_adamw(*a, optim_config()), ob = make_adamw(*b, optim_config());
+  for (int step = 0; step < 3; ++step) {
+    set_grads(*a, step);
+    set_grads(*b, step);
+    for (auto& p : a->parameters()) p.mutable_grad() = p.grad().to(torch::kCUDA, torch::kFloat32) * 10;
+    for (auto& p : b->parameters()) p.mutable_grad() = p.grad().to(torch::kCUDA, torch::kFloat32) * 10;
+    auto na = clip_grad_norm_on_device(a->parameters(), 1.0, dynamic_cast<FusedAdamW*>(oa.get()));
+    auto nb = clip_grad_norm_on_device(b->parameters(), 1.0);
+    EXPECT_EQ(na.item<float>(), nb.item<float>());
+    oa->step();
+    ob->step();
+    EXPECT_STREQ(static_cast<FusedAdamW&>(*oa).last_path(), "fused");
+    for (size_t i = 0; i < a->parameters().size(); ++i)
+      EXPECT_TRUE(torch::allclose(a->parameters()[i], b->parameters()[i], 1e-6, 1e-7)) << "step " << step;
+  }
+}

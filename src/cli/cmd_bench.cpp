@@ -34,6 +34,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "model/flops.h"
+#include "model/cuda_kernels.h"
 #include "model/fused_ce.h"
 #include "model/torch_compat.h"
 #include "model/grouped_gemm.h"
@@ -212,7 +213,8 @@ void run_bench_train(const BenchOptions& o) {
       }
       total.backward();
     }
-    if (cfg.optim.grad_clip > 0) clip_grad_norm_on_device(params, cfg.optim.grad_clip);
+    if (cfg.optim.grad_clip > 0)
+      clip_grad_norm_on_device(params, cfg.optim.grad_clip, dynamic_cast<FusedAdamW*>(opt.get()));
     opt->step();
   };
 
@@ -260,6 +262,8 @@ void run_bench_train(const BenchOptions& o) {
   // The kernel paths behind the A/B switches, for the JSON and the text alike.
   const bool head_fp32_logits = !o.unfused_head && model::fused_head_fp32_logits();  // MOECPT_HEAD_FP32_MM
   const std::string rope_path = model::fused_rotary_enabled() ? "fused" : "composite";
+  // moecpt's own CUDA kernels (gated activation, RoPE, head; MOECPT_CUDA_KERNELS=0: ATen ops)
+  const bool cuda_kernels = model::cuda_kernels_enabled() && dev.is_cuda();
   const std::string moe_combine = mc.ffn != "moe" ? "none" : model::gather_combine_enabled() ? "gather" : "index_add";
   const std::string expert_path = mc.ffn != "moe"          ? "none"
                                   : grouped_calls && loop_calls ? "mixed"
@@ -311,6 +315,7 @@ void run_bench_train(const BenchOptions& o) {
       {"optimizer", std::string("AdamW, ") + optimizer_path},
       {"rope", rope_path},
       {"moe_combine", moe_combine},
+      {"cuda_kernels", cuda_kernels},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
@@ -369,6 +374,11 @@ void run_bench_train(const BenchOptions& o) {
                                         : "; MoE combine: index_add");
   if (dev.is_cpu() && dtype == "bfloat16" && !fast_bf16)
     std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
+  if (dev.is_cuda())
+    std::printf("  moecpt CUDA kernels (gated activation, RoPE, head): %s\n",
+                cuda_kernels               ? "on (MOECPT_CUDA_KERNELS=0: ATen ops)"
+                : model::cuda_kernels_compiled() ? "off (MOECPT_CUDA_KERNELS=0)"
+                                           : "not built (-DMOECPT_CUDA_KERNELS=ON)");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",

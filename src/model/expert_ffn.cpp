@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "model/cpu_parallel.h"
+#include "model/cuda_kernels.h"
 #include "model/torch_compat.h"
 
 namespace moecpt::model {
@@ -95,7 +96,10 @@ void run_plan(const Plan& p, const std::function<void(const Item&, int64_t)>& fn
 }
 
 // a = act(h1) ⊙ h3, into `a` (h13 = [h1 | h3] along dim 1).
+// On CUDA in fp32/bf16 one kernel (model/cuda_kernels.h) reads h13 once and
+// writes a once; ATen's ops take two passes and an act(h1) temporary.
 void gated_forward(const torch::Tensor& h13, int64_t H, GatedActivation act, torch::Tensor& a) {
+  if (use_cuda_kernels(h13)) return cuda_gated_forward(h13, H, act, a);
   auto h1 = h13.narrow(1, 0, H), h3 = h13.narrow(1, H, H);
   at::mul_out(a, act == GatedActivation::kGelu ? at::gelu(h1) : at::silu(h1), h3);
 }
@@ -103,6 +107,9 @@ void gated_forward(const torch::Tensor& h13, int64_t H, GatedActivation act, tor
 // dh13 = [act'(h1) · (da ⊙ h3) | da ⊙ act(h1)].
 void gated_backward(const torch::Tensor& h13, const torch::Tensor& da, int64_t H, GatedActivation act,
                     torch::Tensor& dh13) {
+  // CUDA kernel: reads h13 and da once, writes dh13 once (ATen: recomputes
+  // act(h1), then three more passes and a da ⊙ h3 temporary).
+  if (use_cuda_kernels(h13)) return cuda_gated_backward(h13, da, H, act, dh13);
   auto h1 = h13.narrow(1, 0, H), h3 = h13.narrow(1, H, H);
   auto dh1 = dh13.narrow(1, 0, H), dh3 = dh13.narrow(1, H, H);
   at::mul_out(dh3, da, act == GatedActivation::kGelu ? at::gelu(h1) : at::silu(h1));
@@ -112,6 +119,29 @@ void gated_backward(const torch::Tensor& h13, const torch::Tensor& da, int64_t H
   else
     at::silu_backward_out(dh1, dg, h1);
 }
+
+// a = act(h1) ⊙ h3 as one autograd node that keeps only h13 for its backward
+// (autograd over act() and mul would also keep act(h1)).
+class GatedAct : public torch::autograd::Function<GatedAct> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& h13, int64_t H, int64_t act_code) {
+    auto x = h13.stride(1) == 1 ? h13 : h13.contiguous();
+    auto a = torch::empty({x.size(0), H}, x.options());
+    gated_forward(x, H, GatedActivation(act_code), a);
+    ctx->save_for_backward({x});
+    ctx->saved_data["H"] = H;
+    ctx->saved_data["act"] = act_code;
+    return a;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto h13 = ctx->get_saved_variables()[0];
+    const int64_t H = ctx->saved_data["H"].toInt();
+    auto da = grads[0].stride(1) == 1 ? grads[0] : grads[0].contiguous();
+    auto dh13 = torch::empty({h13.size(0), 2 * H}, h13.options());
+    gated_backward(h13, da.to(h13.scalar_type()), H, GatedActivation(ctx->saved_data["act"].toInt()), dh13);
+    return {dh13, torch::Tensor(), torch::Tensor()};
+  }
+};
 
 class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
  public:
@@ -187,6 +217,13 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
 torch::Tensor expert_ffn_loop(const torch::Tensor& x_SD, const torch::Tensor& w1_EDH, const torch::Tensor& w3_EDH,
                               const torch::Tensor& w2_EHD, const torch::Tensor& counts_E, GatedActivation act) {
   return ExpertFFNLoop::apply(x_SD, w1_EDH, w3_EDH, w2_EHD, counts_E, int64_t(act));
+}
+
+torch::Tensor gated_activation(const torch::Tensor& h13_S2H, GatedActivation act) {
+  if (h13_S2H.dim() != 2 || h13_S2H.size(1) % 2 != 0)
+    throw Error("gated_activation: need [rows, 2H], got " + std::to_string(h13_S2H.dim()) + "-d, last size " +
+                std::to_string(h13_S2H.dim() ? h13_S2H.size(-1) : 0));
+  return GatedAct::apply(h13_S2H, h13_S2H.size(1) / 2, int64_t(act));
 }
 
 torch::Tensor gated_mlp(const torch::Tensor& x_ND, const torch::Tensor& w1_HD, const torch::Tensor& w3_HD,

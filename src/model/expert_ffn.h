@@ -29,6 +29,11 @@ torch::Tensor expert_ffn_loop(const torch::Tensor& x_SD, const torch::Tensor& w1
                               const torch::Tensor& w3_EDH, const torch::Tensor& w2_EHD,
                               const torch::Tensor& counts_E, GatedActivation act);
 
+// a = act(h1) ⊙ h3 for h13 = [h1 | h3] ([S, 2H]) → [S, H], one autograd node
+// that saves only h13 (the grouped expert path's activation; on CUDA one
+// kernel each way, model/cuda_kernels.h).
+torch::Tensor gated_activation(const torch::Tensor& h13_S2H, GatedActivation act);
+
 // The dense gated MLP (dense FFN, shared experts) through the same Function as
 // one group of all rows (split over threads by rows on the CPU), weights in
 // torch::nn::Linear's [out, in] layout: w1, w3 [H, D], w2 [D, H]. x: [..., D].

@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "model/cpu_parallel.h"
+#include "model/cuda_kernels.h"
 #include "model/torch_compat.h"
 
 namespace moecpt::model {
@@ -32,6 +33,28 @@ const auto& mm_dtype_out_op() {
   }();
   return op;
 }
+
+// aten::addmm.dtype_out likewise: each chunk's bf16 gᵀ x_c accumulated by cuBLAS
+// straight into the fp32 dL/dW (beta = 1), instead of a bf16 [V, D] product
+// (rounded to bf16) and an add_ pass over the fp32 accumulator (4 ms of the
+// H100 dense step). Same switch and fallback as mm.dtype_out.
+using AddmmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ScalarType,
+                                  const c10::Scalar&, const c10::Scalar&, at::Tensor&);
+const auto& addmm_dtype_out_op() {
+  static const auto op = []() -> c10::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> {
+    const char* v = std::getenv("MOECPT_HEAD_FP32_MM");
+    if (v && std::string(v) == "0") return c10::nullopt;
+    auto h = c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
+    if (!h) return c10::nullopt;
+    try {
+      return h->typed<AddmmDtypeOut>();
+    } catch (const c10::Error&) {
+      return c10::nullopt;
+    }
+  }();
+  return op;
+}
+std::atomic<bool> g_addmm_dtype_out_failed{false};
 
 std::atomic<bool> g_fp32_logits_last{false};
 // Set when mm.dtype_out threw at its first use (e.g. a LibTorch whose kernel
@@ -76,11 +99,20 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
     // the gradient only.
     const bool fp32_logits = low_precision && x.is_cuda() && acc == torch::kFloat32 &&
                              mm_dtype_out_op().has_value() && !g_mm_dtype_out_failed;
+    // On a GPU in bf16 with moecpt's kernels (model/cuda_kernels.h), one kernel
+    // per chunk takes the fp32 logits to the per-row losses and the bf16
+    // gradient: one read of the logits for (max, Σ exp), one more (mostly from
+    // L2) to write g; no fp32 log-probabilities (1 GiB per chunk) written and
+    // read back. Else ATen's log-softmax and exp passes below.
+    const bool ce_kernel = low_precision && acc == torch::kFloat32 && use_cuda_kernels(x);
     std::vector<torch::Tensor> logits_buf(static_cast<size_t>(n_threads)), probs_buf(static_cast<size_t>(n_threads)),
-        logits32_buf(fp32_logits ? static_cast<size_t>(n_threads) : 0);
+        logits32_buf(fp32_logits ? static_cast<size_t>(n_threads) : 0), loss_rows_buf(static_cast<size_t>(n_threads));
     for (int64_t t = 0; t < n_threads; ++t) {
       logits_buf[t] = torch::empty({buf_rows, V}, x.options());
-      probs_buf[t] = torch::empty({buf_rows, V}, x.options().dtype(acc));
+      if (ce_kernel)
+        loss_rows_buf[t] = torch::empty({buf_rows}, x.options().dtype(torch::kFloat32));
+      else
+        probs_buf[t] = torch::empty({buf_rows, V}, x.options().dtype(acc));
       if (fp32_logits) logits32_buf[t] = torch::empty({buf_rows, V}, x.options().dtype(acc));
     }
     const double inv_n = 1.0 / double(N);
@@ -115,22 +147,46 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
         at::mm_out(logits_mm, x_c, w.t());
         logits = logits_mm.to(acc);  // the buffer itself unless bf16
       }
-      auto l = probs_buf[t].narrow(0, 0, n);
-      at::_log_softmax_out(l, logits, 1, /*half_to_float=*/false);
-      auto l_target = l.gather(1, t_c);
-      loss_sum[t] -= l_target.sum();
-      if (!need_grad) return;
-      auto g_target = l_target.expm1();
+      torch::Tensor g;  // the [n, V] gradient of the rows' losses by the logits
+      if (ce_kernel) {
+        auto loss_rows = loss_rows_buf[t].narrow(0, 0, n);
+        if (need_grad) g = logits_mm;  // the bf16 logits are no longer needed
+        cuda_cross_entropy_rows(logits, t_c.squeeze(1).contiguous(), g, loss_rows);
+        loss_sum[t] += loss_rows.sum();
+        if (!need_grad) return;
+      } else {
+        auto l = probs_buf[t].narrow(0, 0, n);
+        at::_log_softmax_out(l, logits, 1, /*half_to_float=*/false);
+        auto l_target = l.gather(1, t_c);
+        loss_sum[t] -= l_target.sum();
+        if (!need_grad) return;
+        auto g_target = l_target.expm1();
+        if (low_precision) {
+          g = logits_mm;  // the bf16 logits are no longer needed
+          at::exp_out(g, l);
+          g.scatter_(1, t_c, g_target.to(g.scalar_type()));
+        } else {
+          g = l.exp_();
+          g.scatter_(1, t_c, g_target);
+        }
+      }
       auto gx = grad_x.narrow(0, start, n);
       if (low_precision) {  // bf16 products, fp32 accumulators
-        auto g = logits_mm;  // the bf16 logits are no longer needed
-        at::exp_out(g, l);
-        g.scatter_(1, t_c, g_target.to(g.scalar_type()));
         gx.copy_(torch::mm(g, w)).mul_(inv_n);
-        grad_w[t].add_(torch::mm(g.t(), x_c), inv_n);
+        bool accumulated = false;
+        if (fp32_logits && addmm_dtype_out_op().has_value() && !g_addmm_dtype_out_failed) {
+          try {
+            addmm_dtype_out_op()->call(grad_w[t], g.t(), x_c, torch::kFloat32, 1.0, inv_n, grad_w[t]);
+            accumulated = true;
+          } catch (const c10::Error& e) {
+            if (!g_addmm_dtype_out_failed.exchange(true))
+              log::warn(std::string("fused head: aten::addmm.dtype_out failed, using a bf16 product + add from now "
+                                    "on: ") +
+                        e.what_without_backtrace());
+          }
+        }
+        if (!accumulated) grad_w[t].add_(torch::mm(g.t(), x_c), inv_n);
       } else {
-        auto g = l.exp_();
-        g.scatter_(1, t_c, g_target);
         at::addmm_out(gx, gx, g, w, /*beta=*/0.0, /*alpha=*/inv_n);
         grad_w[t].addmm_(g.t(), x_c, /*beta=*/1.0, /*alpha=*/inv_n);
       }

@@ -15,7 +15,7 @@ namespace moecpt::model {
 GroupedExpertsImpl::GroupedExpertsImpl(int64_t n_experts, int64_t d_model, int64_t hidden,
                                        const std::string& activation, double init_std,
                                        double out_std)
-    : act_(activation_by_name(activation)), act_kind_(gated_activation_by_name(activation)) {
+    : act_kind_(gated_activation_by_name(activation)) {
   w1_EDH = register_parameter("w1", torch::randn({n_experts, d_model, hidden}) * init_std);
   w3_EDH = register_parameter("w3", torch::randn({n_experts, d_model, hidden}) * init_std);
   w2_EHD = register_parameter("w2", torch::randn({n_experts, hidden, d_model}) * out_std);
@@ -94,10 +94,13 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
     compat::NoAutocast no_autocast;  // explicit dtypes below
     auto offs_E = tokens_per_expert_E.cumsum(0, torch::kInt32);
     auto x = x_SD.to(dt);
-    auto h1 = at::_grouped_mm(x, w1_EDH.to(dt), offs_E);
-    auto h3 = at::_grouped_mm(x, w3_EDH.to(dt), offs_E);
+    // w1 and w3 as one [E, D, 2H] weight: one wider grouped GEMM forward, and
+    // backward one for dx (no sum of two); the gated activation is one node
+    // (model/expert_ffn.h: on CUDA one kernel each way).
+    auto w13 = torch::cat({w1_EDH.to(dt), w3_EDH.to(dt)}, 2);
+    auto h13 = at::_grouped_mm(x, w13, offs_E);
     ++g_grouped_calls;
-    return at::_grouped_mm(act_(h1) * h3, w2_EHD.to(dt), offs_E);
+    return at::_grouped_mm(gated_activation(h13, act_kind_), w2_EHD.to(dt), offs_E);
 #else
     throw Error("MOECPT_EXPERT_GEMM=grouped needs LibTorch >= 2.8 (at::_grouped_mm); this build has LibTorch " +
                 std::string(TORCH_VERSION));

@@ -34,8 +34,7 @@ class GroupedExpertsImpl : public torch::nn::Module {
   torch::Tensor w1_EDH, w3_EDH, w2_EHD;
 
  private:
-  Activation act_;             // the grouped path's
-  GatedActivation act_kind_;  // the loop's (model/expert_ffn.h)
+  GatedActivation act_kind_;  // model/expert_ffn.h
 };
 TORCH_MODULE(GroupedExperts);
 

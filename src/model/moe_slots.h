@@ -7,13 +7,16 @@
 //   dispatch  x_SD[s] = x_TD[order_S[s] / K]
 //             backward dx_TD[t] = Σ_j dx_SD[inverse_S[t·K + j]]   (gather, sum over K)
 //   combine   y_TD[t] = Σ_j gates_TK[t, j] · y_SD[inverse_S[t·K + j]]
-//             (gather back to token order, then a [1, K] × [K, D] product per token)
+//             (each slot scaled by its gate, gathered back to token order,
+//             the K slots of a token summed)
 //
 // The textbook combine is a zero tensor plus index_add of the gated slots, and
 // dispatch's backward under autograd is another index_add: atomic adds on a
 // GPU (run-to-run different sums, bf16 rounding at every add) and zero fills.
-// Here every op is a gather, a sum or a batched matmul: deterministic, with
-// fp32 accumulation inside the sums and products. MOECPT_MOE_COMBINE=index_add
+// Here every op is a gather, an elementwise product or a row sum:
+// deterministic, with fp32 accumulation inside the sums. (A first version did
+// the combine as a batched [1, K] × [K, D] matmul per token: cuBLAS ran it far
+// below memory bandwidth on an H100, 18 ms per step slower than index_add.) MOECPT_MOE_COMBINE=index_add
 // keeps the textbook ops (A/B runs; model/moe.cpp).
 #pragma once
 #include "core/pch.h"

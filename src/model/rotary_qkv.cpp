@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "model/cuda_kernels.h"
 #include "model/torch_compat.h"
 
 namespace moecpt::model {
@@ -16,6 +17,9 @@ using torch::autograd::variable_list;
 // sign = −1 it is Rᵀ x (the backward): the sine terms change sign.
 void rotate_into(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& c, const torch::Tensor& s,
                  double sign) {
+  // CUDA (fp32/bf16): one kernel reads x and writes out once (model/cuda_kernels.h).
+  if (use_cuda_kernels(x) && x.stride(-1) == 1 && out.stride(-1) == 1 && c.is_contiguous() && s.is_contiguous())
+    return cuda_rotate_pairs(out, x, c, s, sign > 0 ? 1 : -1);
   const int64_t n = x.size(-1) / 2;
   auto x1 = x.narrow(-1, 0, n), x2 = x.narrow(-1, n, n);
   auto o1 = out.narrow(-1, 0, n), o2 = out.narrow(-1, n, n);

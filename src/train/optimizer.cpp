@@ -60,8 +60,17 @@ bool FusedAdamW::use_fused() const {
 }
 
 torch::Tensor FusedAdamW::step(LossClosure closure) {
+  auto divisor = std::move(pending_divisor_);
+  pending_divisor_ = torch::Tensor();
   if (!use_fused()) {
     last_path_ = "loop";
+    if (divisor.defined()) {
+      torch::NoGradGuard no_grad;
+      auto scale = divisor.reciprocal();
+      for (auto& group : param_groups())
+        for (auto& p : group.params())
+          if (p.grad().defined()) p.mutable_grad().mul_(scale.to(p.grad().scalar_type()));
+    }
     return torch::optim::AdamW::step(std::move(closure));
   }
   last_path_ = "fused";
@@ -107,8 +116,10 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     for (auto& [k, l] : by_step) {
       auto step_t = torch::full({}, double(k.first), l.p[0].options().dtype(torch::kFloat32));
       std::vector<torch::Tensor> steps(l.p.size(), step_t);
+      c10::optional<at::Tensor> grad_scale;
+      if (divisor.defined()) grad_scale = divisor.to(l.p[0].device(), torch::kFloat32);
       at::_fused_adamw_(l.p, l.g, l.m, l.v, /*max_exp_avg_sqs=*/{}, steps, o.lr(), beta1, beta2, o.weight_decay(),
-                        o.eps(), /*amsgrad=*/false, /*maximize=*/false);
+                        o.eps(), /*amsgrad=*/false, /*maximize=*/false, grad_scale);
     }
   }
 #endif
@@ -141,7 +152,8 @@ void set_learning_rate(torch::optim::Optimizer& opt, double lr) {
 // clip_grad_norm_ (coef = max_norm / (norm + 1e-6), applied when < 1) without its
 // .item(). Returns the pre-clip norm as a 0-d fp32 device tensor (undefined if
 // no parameter has a gradient).
-torch::Tensor clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm) {
+torch::Tensor clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm,
+                                       FusedAdamW* fold_into) {
 #if MOECPT_TORCH_AT_LEAST(2, 1)
   // On a GPU: multi-tensor kernels (a few launches instead of two per parameter).
   {
@@ -154,6 +166,11 @@ torch::Tensor clip_grad_norm_on_device(const std::vector<torch::Tensor>& params,
       }
     if (!grads.empty() && all_cuda) {
       auto total = torch::stack(at::_foreach_norm(grads, 2)).norm(2);
+      if (fold_into && fold_into->use_fused()) {
+        // grad / divisor = grad · coef inside the optimizer's kernel
+        fold_into->set_pending_grad_divisor(((total + 1e-6) / max_norm).clamp_min(1.0));
+        return total;
+      }
       auto coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
       at::_foreach_mul_(grads, coef);
       return total;

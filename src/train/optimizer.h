@@ -26,11 +26,19 @@ class FusedAdamW : public torch::optim::AdamW {
   // "fused" or "loop": what the last step() ran ("none" before the first).
   const char* last_path() const { return last_path_; }
   static bool compiled();  // at::_fused_adamw_ available in this LibTorch
+  // Whether the next step() takes the fused path (then it can apply a pending
+  // gradient scale inside its kernel).
+  bool use_fused() const;
+  // The next step() divides every gradient by `divisor` (a 0-d fp32 tensor on
+  // the parameters' device) before using it: inside the fused kernel
+  // (at::_fused_adamw_'s grad_scale, which also writes the scaled gradient
+  // back), else as a multiply before LibTorch's loop. Consumed by that step.
+  void set_pending_grad_divisor(torch::Tensor divisor) { pending_divisor_ = std::move(divisor); }
 
  private:
-  bool use_fused() const;
   Mode mode_;
   const char* last_path_ = "none";
+  torch::Tensor pending_divisor_;
 };
 
 // The run's optimizer: FusedAdamW (kAuto unless told) over two groups, the
@@ -51,6 +59,10 @@ void set_learning_rate(torch::optim::Optimizer& opt, double lr);
 // .item() (a host sync). Returns the pre-clip norm as a 0-d fp32 device tensor,
 // undefined if no parameter has a gradient. The trainer and `bench train` use it;
 // expert parallelism has its own (model/moe_expert_parallel.h: the norm spans ranks).
-torch::Tensor clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm);
+// With `fold_into` a FusedAdamW whose next step is fused, the CUDA path does
+// not scale the gradients itself: it hands 1/coef to that step (one pass over
+// every gradient less: the _foreach_mul_ was 6 ms of the H100 Granular step).
+torch::Tensor clip_grad_norm_on_device(const std::vector<torch::Tensor>& params, double max_norm,
+                                       FusedAdamW* fold_into = nullptr);
 
 }  // namespace moecpt

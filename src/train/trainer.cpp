@@ -491,7 +491,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       if (ep)
         ep_grad_norm = ep->clip_grad_norm(cfg.optim.grad_clip);
       else
-        grad_norm_dev = clip_grad_norm_on_device(m->parameters(), cfg.optim.grad_clip);
+        grad_norm_dev = clip_grad_norm_on_device(m->parameters(), cfg.optim.grad_clip,
+                                                 dynamic_cast<FusedAdamW*>(optimizer.get()));
     }
     if (grad_norm_dev.defined()) stats_dev = torch::cat({stats_dev, grad_norm_dev.to(torch::kFloat64).reshape({1})});
     const auto stats = stats_dev.cpu();  // the step's one host sync
@@ -508,6 +509,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       if (cfg.train.on_nonfinite == "skip") {
         if (root) log::warn("non-finite loss at step " + std::to_string(step + 1) + ": batch skipped");
         optimizer->zero_grad();
+        if (auto* fused = dynamic_cast<FusedAdamW*>(optimizer.get())) fused->set_pending_grad_divisor({});
         ++step;
         continue;
       }

@@ -1,0 +1,329 @@
+// moecpt's CUDA kernels (interface and maths: kernels.h). Memory-bound
+// elementwise work that ATen runs as several passes: each kernel reads its
+// inputs once and writes its outputs once, computing in fp32 with one rounding.
+// 16-byte vector loads when sizes, strides and pointers allow, else scalar.
+#include "model/cuda/kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+namespace moecpt::cuda {
+
+namespace {
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// The activations and their derivatives as ATen computes them (GeLU: the exact
+// erf form, gelu_backward's cdf + x·pdf).
+template <Act A>
+__device__ __forceinline__ float act_f(float x) {
+  if constexpr (A == Act::kGelu) return 0.5f * x * (1.f + erff(x * 0.70710678118654752f));
+  else return x / (1.f + expf(-x));
+}
+template <Act A>
+__device__ __forceinline__ float act_grad_f(float x) {
+  if constexpr (A == Act::kGelu) {
+    const float cdf = 0.5f * (1.f + erff(x * 0.70710678118654752f));
+    const float pdf = 0.39894228040143267f * expf(-0.5f * x * x);
+    return cdf + x * pdf;
+  } else {
+    const float s = 1.f / (1.f + expf(-x));
+    return s * (1.f + x * (1.f - s));
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+template <typename T, int V>
+__device__ __forceinline__ void store(T* p, const Pack<T, V>& x) {
+  *reinterpret_cast<Pack<T, V>*>(p) = x;
+}
+
+template <typename T, int V, Act A>
+__global__ void gated_forward_kernel(const T* __restrict__ h13, int64_t ld_h13, T* __restrict__ a, int64_t ld_a,
+                                     int64_t rows, int64_t H) {
+  const int64_t per_row = H / V, total = rows * per_row;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / per_row, j = (i - r * per_row) * V;
+    const T* row = h13 + r * ld_h13;
+    const auto g = load<T, V>(row + j), u = load<T, V>(row + H + j);
+    Pack<T, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) o.v[k] = from_f<T>(act_f<A>(to_f(g.v[k])) * to_f(u.v[k]));
+    store<T, V>(a + r * ld_a + j, o);
+  }
+}
+
+template <typename T, int V, Act A>
+__global__ void gated_backward_kernel(const T* __restrict__ h13, int64_t ld_h13, const T* __restrict__ da,
+                                      int64_t ld_da, T* __restrict__ dh13, int64_t ld_dh13, int64_t rows, int64_t H) {
+  const int64_t per_row = H / V, total = rows * per_row;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / per_row, j = (i - r * per_row) * V;
+    const T* row = h13 + r * ld_h13;
+    const auto g = load<T, V>(row + j), u = load<T, V>(row + H + j), d = load<T, V>(da + r * ld_da + j);
+    Pack<T, V> d1, d3;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float x = to_f(g.v[k]), up = to_f(u.v[k]), dk = to_f(d.v[k]);
+      d1.v[k] = from_f<T>(dk * up * act_grad_f<A>(x));
+      d3.v[k] = from_f<T>(dk * act_f<A>(x));
+    }
+    T* out = dh13 + r * ld_dh13;
+    store<T, V>(out + j, d1);
+    store<T, V>(out + H + j, d3);
+  }
+}
+
+template <typename T, int V>
+__global__ void rotate_pairs_kernel(const T* __restrict__ x, int64_t xsb, int64_t xst, int64_t xsh,
+                                    T* __restrict__ out, int64_t osb, int64_t ost, int64_t osh,
+                                    const T* __restrict__ c, const T* __restrict__ s, int64_t B, int64_t T_,
+                                    int64_t Hd, int64_t n, float sign) {
+  const int64_t per = n / V, total = B * T_ * Hd * per;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t rest = i / per;
+    const int64_t j = (i - rest * per) * V;
+    const int64_t h = rest % Hd;
+    rest /= Hd;
+    const int64_t t = rest % T_, b = rest / T_;
+    const T* xp = x + b * xsb + t * xst + h * xsh + j;
+    T* op = out + b * osb + t * ost + h * osh + j;
+    const auto x1 = load<T, V>(xp), x2 = load<T, V>(xp + n);
+    const auto cc = load<T, V>(c + t * n + j), ss = load<T, V>(s + t * n + j);
+    Pack<T, V> o1, o2;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float a1 = to_f(x1.v[k]), a2 = to_f(x2.v[k]), ck = to_f(cc.v[k]), sk = sign * to_f(ss.v[k]);
+      o1.v[k] = from_f<T>(a1 * ck - a2 * sk);
+      o2.v[k] = from_f<T>(a2 * ck + a1 * sk);
+    }
+    store<T, V>(op, o1);
+    store<T, V>(op + n, o2);
+  }
+}
+
+// (m, s) pairs of an online softmax: s = Σ exp(x − m) over the values seen.
+__device__ __forceinline__ void lse_combine(float& m, float& s, float m2, float s2) {
+  if (m2 == -INFINITY) return;
+  if (m2 > m) {
+    s = s * expf(m - m2) + s2;
+    m = m2;
+  } else {
+    s += s2 * expf(m2 - m);
+  }
+}
+
+template <int THREADS, bool VEC4>
+__global__ void __launch_bounds__(THREADS)
+    cross_entropy_rows_kernel(const float* __restrict__ logits, int64_t ld, const int64_t* __restrict__ targets,
+                              int64_t V, __nv_bfloat16* __restrict__ grad, int64_t ld_grad,
+                              float* __restrict__ loss) {
+  const int64_t r = blockIdx.x;
+  const float* x = logits + r * ld;
+  float m = -INFINITY, s = 0.f;
+  if constexpr (VEC4) {
+    const int64_t V4 = V / 4;
+    for (int64_t j = threadIdx.x; j < V4; j += THREADS) {
+      const float4 v = reinterpret_cast<const float4*>(x)[j];
+      const float m4 = fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
+      if (m4 == -INFINITY) continue;
+      if (m4 > m) {
+        s *= expf(m - m4);
+        m = m4;
+      }
+      s += expf(v.x - m) + expf(v.y - m) + expf(v.z - m) + expf(v.w - m);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < V; j += THREADS) lse_combine(m, s, x[j], 1.f);
+  }
+  // block reduction of (m, s): warps by shuffles, then the first warp
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    lse_combine(m, s, m2, s2);
+  }
+  __shared__ float sm[THREADS / 32], ss[THREADS / 32];
+  __shared__ float lse_shared;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sm[warp] = m, ss[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < THREADS / 32 ? sm[lane] : -INFINITY;
+    s = lane < THREADS / 32 ? ss[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+      lse_combine(m, s, m2, s2);
+    }
+    if (lane == 0) {
+      const float lse = m + logf(s);
+      lse_shared = lse;
+      const int64_t t = targets[r];
+      loss[r] = (t >= 0 && t < V) ? lse - x[t] : NAN;
+    }
+  }
+  __syncthreads();
+  if (grad == nullptr) return;
+  const float lse = lse_shared;
+  __nv_bfloat16* g = grad + r * ld_grad;
+  if constexpr (VEC4) {
+    const int64_t V4 = V / 4;
+    for (int64_t j = threadIdx.x; j < V4; j += THREADS) {
+      const float4 v = reinterpret_cast<const float4*>(x)[j];
+      __nv_bfloat162 lo = __floats2bfloat162_rn(expf(v.x - lse), expf(v.y - lse));
+      __nv_bfloat162 hi = __floats2bfloat162_rn(expf(v.z - lse), expf(v.w - lse));
+      reinterpret_cast<__nv_bfloat162*>(g)[2 * j] = lo;
+      reinterpret_cast<__nv_bfloat162*>(g)[2 * j + 1] = hi;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < V; j += THREADS) g[j] = __float2bfloat16_rn(expf(x[j] - lse));
+  }
+  __syncthreads();  // the target's entry last, over whatever thread wrote it
+  if (threadIdx.x == 0) {
+    const int64_t t = targets[r];
+    if (t >= 0 && t < V) g[t] = __float2bfloat16_rn(expm1f(x[t] - lse));
+  }
+}
+
+constexpr int kThreads = 256;
+
+unsigned blocks_for(int64_t total) {
+  // A grid-stride loop: enough blocks to fill the device several times over.
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 16)));
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Whether V-wide vector access is valid: every size and stride a multiple of V,
+// every pointer 16-byte aligned.
+template <int V>
+bool vectorizable(std::initializer_list<int64_t> sizes, std::initializer_list<const void*> ptrs) {
+  for (auto n : sizes)
+    if (n % V != 0) return false;
+  for (auto p : ptrs)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+template <typename T>
+int gated_forward_t(Act act, const void* h13, int64_t ld_h13, void* a, int64_t ld_a, int64_t rows, int64_t H,
+                    cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  const auto* x = static_cast<const T*>(h13);
+  auto* y = static_cast<T*>(a);
+  if (rows == 0 || H == 0) return 0;
+  const bool vec = vectorizable<V>({H, ld_h13, ld_a}, {h13, a});
+  const int64_t total = rows * (vec ? H / V : H);
+  const auto g = blocks_for(total);
+  if (act == Act::kGelu) {
+    if (vec) gated_forward_kernel<T, V, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
+    else gated_forward_kernel<T, 1, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
+  } else {
+    if (vec) gated_forward_kernel<T, V, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
+    else gated_forward_kernel<T, 1, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
+  }
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int gated_backward_t(Act act, const void* h13, int64_t ld_h13, const void* da, int64_t ld_da, void* dh13,
+                     int64_t ld_dh13, int64_t rows, int64_t H, cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  const auto* x = static_cast<const T*>(h13);
+  const auto* d = static_cast<const T*>(da);
+  auto* y = static_cast<T*>(dh13);
+  if (rows == 0 || H == 0) return 0;
+  const bool vec = vectorizable<V>({H, ld_h13, ld_da, ld_dh13}, {h13, da, dh13});
+  const int64_t total = rows * (vec ? H / V : H);
+  const auto g = blocks_for(total);
+  if (act == Act::kGelu) {
+    if (vec) gated_backward_kernel<T, V, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+    else gated_backward_kernel<T, 1, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+  } else {
+    if (vec) gated_backward_kernel<T, V, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+    else gated_backward_kernel<T, 1, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+  }
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int rotate_pairs_t(const void* x, const int64_t xs[3], void* out, const int64_t os[3], const void* c, const void* s,
+                   int64_t B, int64_t T_, int64_t Hd, int64_t n, int sign, cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  if (B * T_ * Hd * n == 0) return 0;
+  const bool vec = vectorizable<V>({n, xs[0], xs[1], xs[2], os[0], os[1], os[2]}, {x, out, c, s});
+  const int64_t total = B * T_ * Hd * (vec ? n / V : n);
+  const auto g = blocks_for(total);
+  const auto* xp = static_cast<const T*>(x);
+  auto* op = static_cast<T*>(out);
+  const auto *cp = static_cast<const T*>(c), *sp = static_cast<const T*>(s);
+  if (vec)
+    rotate_pairs_kernel<T, V><<<g, kThreads, 0, st>>>(xp, xs[0], xs[1], xs[2], op, os[0], os[1], os[2], cp, sp, B, T_,
+                                                      Hd, n, float(sign));
+  else
+    rotate_pairs_kernel<T, 1><<<g, kThreads, 0, st>>>(xp, xs[0], xs[1], xs[2], op, os[0], os[1], os[2], cp, sp, B, T_,
+                                                      Hd, n, float(sign));
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,
+                       void* grad_bf16, int64_t ld_grad, float* loss, void* stream) {
+  if (rows == 0) return 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  auto* g = static_cast<__nv_bfloat16*>(grad_bf16);
+  constexpr int kRowThreads = 512;
+  // float4 loads and bf16 pairs: V, the strides and the pointers aligned to them
+  const bool vec = V % 4 == 0 && ld % 4 == 0 && aligned16(logits) &&
+                   (g == nullptr || (ld_grad % 4 == 0 && (reinterpret_cast<uintptr_t>(g) & 7) == 0));
+  if (vec)
+    cross_entropy_rows_kernel<kRowThreads, true><<<unsigned(rows), kRowThreads, 0, st>>>(logits, ld, targets, V, g,
+                                                                                         ld_grad, loss);
+  else
+    cross_entropy_rows_kernel<kRowThreads, false><<<unsigned(rows), kRowThreads, 0, st>>>(logits, ld, targets, V, g,
+                                                                                          ld_grad, loss);
+  return int(cudaGetLastError());
+}
+
+int gated_forward(DType dt, Act act, const void* h13, int64_t ld_h13, void* a, int64_t ld_a, int64_t rows, int64_t H,
+                  void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  return dt == DType::kBFloat16 ? gated_forward_t<__nv_bfloat16>(act, h13, ld_h13, a, ld_a, rows, H, st)
+                                : gated_forward_t<float>(act, h13, ld_h13, a, ld_a, rows, H, st);
+}
+
+int gated_backward(DType dt, Act act, const void* h13, int64_t ld_h13, const void* da, int64_t ld_da, void* dh13,
+                   int64_t ld_dh13, int64_t rows, int64_t H, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  return dt == DType::kBFloat16
+             ? gated_backward_t<__nv_bfloat16>(act, h13, ld_h13, da, ld_da, dh13, ld_dh13, rows, H, st)
+             : gated_backward_t<float>(act, h13, ld_h13, da, ld_da, dh13, ld_dh13, rows, H, st);
+}
+
+int rotate_pairs(DType dt, const void* x, const int64_t x_strides[3], void* out, const int64_t out_strides[3],
+                 const void* c, const void* s, int64_t B, int64_t T, int64_t Hd, int64_t n, int sign, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  return dt == DType::kBFloat16
+             ? rotate_pairs_t<__nv_bfloat16>(x, x_strides, out, out_strides, c, s, B, T, Hd, n, sign, st)
+             : rotate_pairs_t<float>(x, x_strides, out, out_strides, c, s, B, T, Hd, n, sign, st);
+}
+
+}  // namespace moecpt::cuda

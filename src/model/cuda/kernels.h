@@ -1,0 +1,42 @@
+// moecpt's own CUDA kernels (kernels.cu), behind a plain interface: raw
+// pointers, sizes and strides in elements, the stream as void*. No LibTorch
+// type crosses it, so the .cu file needs only the CUDA toolkit; the LibTorch
+// side is model/cuda_kernels.{h,cpp}. Built when MOECPT_CUDA_KERNELS is on
+// (CMakeLists.txt; AUTO = when LibTorch has CUDA). Each function returns a
+// cudaError_t as int (0 = launched).
+#pragma once
+#include <cstdint>
+
+namespace moecpt::cuda {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1 };
+enum class Act : int { kGelu = 0, kSilu = 1 };  // exact (erf) GeLU, as at::gelu
+
+// a[r, j] = act(h13[r, j]) · h13[r, H + j] for r < rows, j < H (fp32 maths,
+// one rounding). Row strides ld_* (elements); columns contiguous.
+int gated_forward(DType dt, Act act, const void* h13, int64_t ld_h13, void* a, int64_t ld_a, int64_t rows,
+                  int64_t H, void* stream);
+
+// dh13[r, j] = act'(h1) · da · h3,  dh13[r, H + j] = da · act(h1).
+int gated_backward(DType dt, Act act, const void* h13, int64_t ld_h13, const void* da, int64_t ld_da, void* dh13,
+                   int64_t ld_dh13, int64_t rows, int64_t H, void* stream);
+
+// Rotary pairs: x, out are [B, T, Hd, 2n] with strides (sb, st, sh) for the
+// first three dims and the last contiguous; c, s are [T, n] contiguous. With
+// x = [x1 | x2]:  out1 = x1 c − sign·x2 s,  out2 = x2 c + sign·x1 s.
+// sign = +1 rotates (forward), −1 applies the transpose (backward).
+int rotate_pairs(DType dt, const void* x, const int64_t x_strides[3], void* out, const int64_t out_strides[3],
+                 const void* c, const void* s, int64_t B, int64_t T, int64_t Hd, int64_t n, int sign, void* stream);
+
+// Cross-entropy rows of the fused LM head: for each row r of fp32 logits
+// [rows, V] (row stride ld) and its target t = targets[r] (int64):
+//   lse = log Σ_j exp(x_j),   loss[r] = lse − x_t
+// and, when grad (bf16, row stride ld_grad) is not null, the gradient of
+// loss[r] by the logits: g_j = exp(x_j − lse), at the target expm1(x_t − lse)
+// (exact in fp32 where p_t ≈ 1). One block per row: one read of the row for
+// (max, Σ exp) by an online reduction, a second (mostly from L2) to write g.
+// A target outside [0, V) gives loss NaN.
+int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,
+                       void* grad_bf16, int64_t ld_grad, float* loss, void* stream);
+
+}  // namespace moecpt::cuda

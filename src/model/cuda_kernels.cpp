@@ -1,0 +1,164 @@
+#include "model/cuda_kernels.h"
+
+#include <cstdlib>
+#include <string>
+
+#include "core/error.h"
+
+#ifdef MOECPT_CUDA_KERNELS
+#include <c10/cuda/CUDAStream.h>
+
+#include "model/cuda/kernels.h"
+#endif
+
+namespace moecpt::model {
+
+bool cuda_kernels_compiled() {
+#ifdef MOECPT_CUDA_KERNELS
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+bool enabled_by_env() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOECPT_CUDA_KERNELS");
+    if (!v || !*v || std::string(v) == "1") return true;
+    if (std::string(v) == "0") return false;
+    throw Error("MOECPT_CUDA_KERNELS must be 0 or 1, got '" + std::string(v) + "'");
+  }();
+  return on;
+}
+
+#ifdef MOECPT_CUDA_KERNELS
+cuda::DType dtype_of(const torch::Tensor& t) {
+  if (t.scalar_type() == torch::kBFloat16) return cuda::DType::kBFloat16;
+  if (t.scalar_type() == torch::kFloat32) return cuda::DType::kFloat32;
+  throw Error("moecpt CUDA kernels: dtype " + std::string(c10::toString(t.scalar_type())) + " is not fp32 or bf16");
+}
+
+void check_launch(int rc, const char* what) {
+  if (rc != 0) throw Error(std::string("moecpt CUDA kernel ") + what + ": launch failed (cudaError " +
+                           std::to_string(rc) + ")");
+}
+
+void* current_stream(const torch::Tensor& t) {
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+}
+#endif
+
+void check_same(const torch::Tensor& a, const torch::Tensor& b, const char* what) {
+  if (!a.is_cuda() || a.device() != b.device() || a.scalar_type() != b.scalar_type())
+    throw Error(std::string(what) + ": tensors must be CUDA tensors on one device with one dtype");
+}
+
+void check_rows(const torch::Tensor& t, int64_t rows, int64_t cols, const char* what) {
+  if (t.dim() != 2 || t.size(0) != rows || t.size(1) != cols || t.stride(1) != 1)
+    throw Error(std::string(what) + ": expected [" + std::to_string(rows) + ", " + std::to_string(cols) +
+                "] with contiguous rows");
+}
+
+[[noreturn]] void not_built() {
+  throw Error("moecpt was built without its CUDA kernels (configure with -DMOECPT_CUDA_KERNELS=ON)");
+}
+
+}  // namespace
+
+bool cuda_kernels_enabled() {
+  const bool env = enabled_by_env();
+  return env && cuda_kernels_compiled();
+}
+
+bool use_cuda_kernels(const torch::Tensor& like) {
+  return cuda_kernels_compiled() && like.is_cuda() &&
+         (like.scalar_type() == torch::kBFloat16 || like.scalar_type() == torch::kFloat32) && enabled_by_env();
+}
+
+void cuda_gated_forward(const torch::Tensor& h13, int64_t H, GatedActivation act, const torch::Tensor& a) {
+  check_same(h13, a, "cuda_gated_forward");
+  const int64_t S = h13.size(0);
+  check_rows(h13, S, 2 * H, "cuda_gated_forward (h13)");
+  check_rows(a, S, H, "cuda_gated_forward (a)");
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::gated_forward(dtype_of(h13), act == GatedActivation::kGelu ? cuda::Act::kGelu : cuda::Act::kSilu,
+                                   h13.data_ptr(), h13.stride(0), a.data_ptr(), a.stride(0), S, H,
+                                   current_stream(h13)),
+               "gated_forward");
+#else
+  not_built();
+#endif
+}
+
+void cuda_gated_backward(const torch::Tensor& h13, const torch::Tensor& da, int64_t H, GatedActivation act,
+                         const torch::Tensor& dh13) {
+  check_same(h13, da, "cuda_gated_backward");
+  check_same(h13, dh13, "cuda_gated_backward");
+  const int64_t S = h13.size(0);
+  check_rows(h13, S, 2 * H, "cuda_gated_backward (h13)");
+  check_rows(da, S, H, "cuda_gated_backward (da)");
+  check_rows(dh13, S, 2 * H, "cuda_gated_backward (dh13)");
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::gated_backward(dtype_of(h13), act == GatedActivation::kGelu ? cuda::Act::kGelu : cuda::Act::kSilu,
+                                    h13.data_ptr(), h13.stride(0), da.data_ptr(), da.stride(0), dh13.data_ptr(),
+                                    dh13.stride(0), S, H, current_stream(h13)),
+               "gated_backward");
+#else
+  not_built();
+#endif
+}
+
+void cuda_rotate_pairs(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& c,
+                       const torch::Tensor& s, int sign) {
+  check_same(x, out, "cuda_rotate_pairs");
+  check_same(x, c, "cuda_rotate_pairs");
+  check_same(x, s, "cuda_rotate_pairs");
+  if (x.dim() != 4 || out.sizes() != x.sizes() || x.size(3) % 2 != 0 || x.stride(3) != 1 || out.stride(3) != 1)
+    throw Error("cuda_rotate_pairs: x and out must be [B, T, H, 2n] of one shape, last dim contiguous");
+  const int64_t B = x.size(0), T = x.size(1), Hd = x.size(2), n = x.size(3) / 2;
+  if (c.numel() != T * n || s.numel() != T * n || !c.is_contiguous() || !s.is_contiguous())
+    throw Error("cuda_rotate_pairs: rotary tables must be contiguous [T, n] = [" + std::to_string(T) + ", " +
+                std::to_string(n) + "]");
+#ifdef MOECPT_CUDA_KERNELS
+  const int64_t xs[3] = {x.stride(0), x.stride(1), x.stride(2)};
+  const int64_t os[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  check_launch(cuda::rotate_pairs(dtype_of(x), x.data_ptr(), xs, out.data_ptr(), os, c.data_ptr(), s.data_ptr(), B, T,
+                                  Hd, n, sign, current_stream(x)),
+               "rotate_pairs");
+#else
+  (void)B, (void)Hd, (void)sign;
+  not_built();
+#endif
+}
+
+void cuda_cross_entropy_rows(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& grad,
+                             const torch::Tensor& loss_rows) {
+  if (!logits.is_cuda() || logits.scalar_type() != torch::kFloat32 || logits.dim() != 2 || logits.stride(1) != 1)
+    throw Error("cuda_cross_entropy_rows: logits must be fp32 CUDA [rows, V] with contiguous rows");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  if (targets.device() != logits.device() || targets.scalar_type() != torch::kInt64 || targets.numel() != rows ||
+      !targets.is_contiguous())
+    throw Error("cuda_cross_entropy_rows: targets must be contiguous int64 [" + std::to_string(rows) +
+                "] on the logits' device");
+  if (loss_rows.device() != logits.device() || loss_rows.scalar_type() != torch::kFloat32 ||
+      loss_rows.numel() != rows || !loss_rows.is_contiguous())
+    throw Error("cuda_cross_entropy_rows: loss_rows must be contiguous fp32 [" + std::to_string(rows) + "]");
+  if (grad.defined()) {
+    if (grad.device() != logits.device() || grad.scalar_type() != torch::kBFloat16)
+      throw Error("cuda_cross_entropy_rows: the gradient must be bf16 on the logits' device");
+    check_rows(grad, rows, V, "cuda_cross_entropy_rows (grad)");
+  }
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::cross_entropy_rows(logits.data_ptr<float>(), logits.stride(0), targets.data_ptr<int64_t>(), rows,
+                                        V, grad.defined() ? grad.data_ptr() : nullptr,
+                                        grad.defined() ? grad.stride(0) : 0, loss_rows.data_ptr<float>(),
+                                        current_stream(logits)),
+               "cross_entropy_rows");
+#else
+  not_built();
+#endif
+}
+
+}  // namespace moecpt::model

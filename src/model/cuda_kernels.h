@@ -1,0 +1,40 @@
+// LibTorch side of moecpt's own CUDA kernels (model/cuda/kernels.h): checks,
+// dtypes, strides and the current stream. The callers keep an ATen path for
+// everything these do not cover (CPU, fp16/fp64, builds without the kernels,
+// MOECPT_CUDA_KERNELS=0), and the tests compare the two on a GPU.
+#pragma once
+#include <torch/types.h>
+
+#include "model/expert_ffn.h"
+
+namespace moecpt::model {
+
+// Whether this build has the kernels (CMake option MOECPT_CUDA_KERNELS).
+bool cuda_kernels_compiled();
+// Whether they run for tensors like `like`: compiled, `like` is a CUDA tensor
+// in fp32 or bf16, and the environment does not say MOECPT_CUDA_KERNELS=0
+// (read once; any other value than 0 or 1 is an error naming the variable).
+bool use_cuda_kernels(const torch::Tensor& like);
+// Compiled and not switched off (reads MOECPT_CUDA_KERNELS, so a bad value is
+// an error here on any machine).
+bool cuda_kernels_enabled();
+
+// a = act(h1) ⊙ h3 with h13 = [h1 | h3] ([S, 2H], rows may be strided);
+// a [S, H]. Same dtype and device throughout.
+void cuda_gated_forward(const torch::Tensor& h13, int64_t H, GatedActivation act, const torch::Tensor& a);
+// dh13 = [act'(h1) · da ⊙ h3 | da ⊙ act(h1)].
+void cuda_gated_backward(const torch::Tensor& h13, const torch::Tensor& da, int64_t H, GatedActivation act,
+                         const torch::Tensor& dh13);
+// out = R x (sign +1) or Rᵀ x (sign −1) for x, out [B, T, H, 2n] (any strides,
+// last dim contiguous) and tables c, s [T, n] (or [T, 1, n]) in x's dtype.
+void cuda_rotate_pairs(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& c,
+                       const torch::Tensor& s, int sign);
+
+// The fused head's per-row cross-entropy: loss_rows[r] = lse_r − x[r, t_r] for
+// fp32 logits [rows, V] and int64 targets [rows]; when grad (bf16 [rows, V])
+// is defined, also the gradient of loss_rows[r] by the logits (exp(x − lse),
+// expm1 at the target). Rows contiguous; logits' rows may be strided.
+void cuda_cross_entropy_rows(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& grad,
+                             const torch::Tensor& loss_rows);
+
+}  // namespace moecpt::model

@@ -1,0 +1,194 @@
+// The gated activation's autograd node (model/expert_ffn.h: gated_activation)
+// against autograd over act() and mul, and finite differences; moecpt's CUDA
+// kernels (model/cuda_kernels.h) against fp64 references computed on the CPU
+// from the same (rounded) inputs. The GPU tests skip without a CUDA device or
+// a build without the kernels (CI); scripts/gpu-check.sh runs them.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "expect_error.h"
+#include "gradcheck.h"
+
+#include "model/cuda_kernels.h"
+#include "model/expert_ffn.h"
+#include "model/rotary_qkv.h"
+
+using namespace moecpt;
+using namespace moecpt::model;
+using moecpt::testing::expect_error_containing;
+using moecpt::testing::expect_grad_matches_fd;
+
+namespace {
+
+torch::Tensor act_of(const torch::Tensor& x, GatedActivation act) {
+  return act == GatedActivation::kGelu ? torch::gelu(x) : torch::silu(x);
+}
+
+// a = act(h1) ⊙ h3 through autograd's own ops.
+torch::Tensor composite(const torch::Tensor& h13, GatedActivation act) {
+  const int64_t H = h13.size(1) / 2;
+  return act_of(h13.narrow(1, 0, H), act) * h13.narrow(1, H, H);
+}
+
+// fp64 reference of the forward and of the backward for upstream da (CPU).
+struct GatedRef {
+  torch::Tensor a, dh13;
+};
+GatedRef gated_reference(const torch::Tensor& h13, const torch::Tensor& da, GatedActivation act) {
+  auto x = h13.to(torch::kCPU, torch::kFloat64).detach().requires_grad_(true);
+  auto a = composite(x, act);
+  a.backward(da.to(torch::kCPU, torch::kFloat64));
+  return {a.detach(), x.grad()};
+}
+
+// max |got − ref| / max |ref|, got moved to the CPU in fp64.
+double rel_err(const torch::Tensor& got, const torch::Tensor& ref) {
+  auto g = got.to(torch::kCPU, torch::kFloat64);
+  return (g - ref).abs().max().item<double>() / std::max(1e-30, ref.abs().max().item<double>());
+}
+
+bool gpu_kernels() { return torch::cuda::is_available() && cuda_kernels_compiled(); }
+
+}  // namespace
+
+TEST(GatedActivation, MatchesAutogradOverTheCompositeOps) {
+  torch::manual_seed(3);
+  for (auto act : {GatedActivation::kGelu, GatedActivation::kSilu}) {
+    auto h13 = torch::randn({7, 10}, torch::kFloat64).requires_grad_(true);
+    auto w = torch::randn({7, 5}, torch::kFloat64);
+    auto a = gated_activation(h13, act);
+    auto ref = composite(h13, act);
+    EXPECT_LT((a - ref).abs().max().item<double>(), 1e-15);
+    auto g = torch::autograd::grad({(a * w).sum()}, {h13})[0];
+    auto g_ref = torch::autograd::grad({(ref * w).sum()}, {h13})[0];
+    EXPECT_LT((g - g_ref).abs().max().item<double>(), 1e-14) << (act == GatedActivation::kGelu ? "gelu" : "silu");
+  }
+}
+
+TEST(GatedActivation, GradientsMatchFiniteDifferences) {
+  torch::manual_seed(4);
+  auto h13 = torch::randn({4, 6}, torch::kFloat64).requires_grad_(true);
+  auto w = torch::randn({4, 3}, torch::kFloat64);
+  for (auto act : {GatedActivation::kGelu, GatedActivation::kSilu})
+    expect_grad_matches_fd([&] { return (gated_activation(h13, act) * w).sum(); }, h13, {0, 2, 4, 9, 17, 23},
+                           "h13");
+}
+
+TEST(GatedActivation, RefusesAnOddWidth) {
+  expect_error_containing([] { gated_activation(torch::randn({3, 5}), GatedActivation::kGelu); },
+                          "gated_activation: need [rows, 2H]");
+}
+
+TEST(CudaKernels, AreNotUsedForCpuTensorsAndCheckTheirInputs) {
+  auto h13 = torch::randn({3, 8});
+  EXPECT_FALSE(use_cuda_kernels(h13));
+  auto a = torch::empty({3, 4});
+  expect_error_containing([&] { cuda_gated_forward(h13, 4, GatedActivation::kGelu, a); }, "CUDA tensors");
+}
+
+TEST(CudaKernels, GatedActivationMatchesAnFp64ReferenceOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(5);
+  // (rows, H, row padding): 16-byte vectors; odd H (scalar path); vectors
+  // with padded (strided) rows; an odd row stride (scalar path).
+  const int64_t shapes[][3] = {{37, 2816, 0}, {5, 13, 0}, {9, 64, 8}, {6, 32, 3}};
+  for (auto dt : {torch::kFloat32, torch::kBFloat16})
+    for (auto act : {GatedActivation::kGelu, GatedActivation::kSilu})
+      for (const auto& sh : shapes) {
+        const int64_t S = sh[0], H = sh[1], pad = sh[2];
+        auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dt);
+        auto h13 = (torch::randn({S, 2 * H + pad}, opts) * 3).narrow(1, 0, 2 * H);
+        auto da = torch::randn({S, H + pad}, opts).narrow(1, 0, H);
+        auto a = torch::empty({S, H}, opts), dh13 = torch::empty({S, 2 * H}, opts);
+        cuda_gated_forward(h13, H, act, a);
+        cuda_gated_backward(h13, da, H, act, dh13);
+        const auto ref = gated_reference(h13, da, act);
+        // One rounding of an fp32 result: half an ulp of the output dtype,
+        // plus fp32 erf/exp error; relative to the largest value.
+        const double tol = dt == torch::kBFloat16 ? std::ldexp(1.0, -8) : 2e-6;
+        const std::string what = std::string(dt == torch::kBFloat16 ? "bf16" : "fp32") +
+                                 (act == GatedActivation::kGelu ? " gelu" : " silu") + " S " + std::to_string(S) +
+                                 " H " + std::to_string(H) + " pad " + std::to_string(pad);
+        EXPECT_LT(rel_err(a, ref.a), tol) << what;
+        EXPECT_LT(rel_err(dh13.narrow(1, 0, H), ref.dh13.narrow(1, 0, H)), tol) << what << " dh1";
+        EXPECT_LT(rel_err(dh13.narrow(1, H, H), ref.dh13.narrow(1, H, H)), tol) << what << " dh3";
+      }
+}
+
+TEST(CudaKernels, RotaryQKVMatchesAnFp64ReferenceOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(6);
+  // Head size 64 (16-byte vectors) and 6 (scalar path).
+  for (int64_t Dh : {64, 6})
+    for (auto dt : {torch::kFloat32, torch::kBFloat16}) {
+      const int64_t B = 2, T = 24, H = 3;
+      auto rope64 = rotary_tables(T, Dh, 10000.0, torch::kCPU);
+      auto qkv = torch::randn({B, T, 3 * H * Dh}, torch::TensorOptions().dtype(dt).device(torch::kCUDA));
+      std::vector<torch::Tensor> w;
+      for (int i = 0; i < 3; ++i) w.push_back(torch::randn({B, H, T, Dh}, qkv.options()));
+      // GPU, the tables in qkv's dtype, as the model passes them.
+      auto x = qkv.detach().requires_grad_(true);
+      RotaryTables rope{rope64.cos_TR.to(qkv.options()), rope64.sin_TR.to(qkv.options())};
+      auto out = rotary_qkv(x, H, rope);
+      auto loss = (out.q * w[0]).sum() + (out.k * w[1]).sum() + (out.v * w[2]).sum();
+      auto dx = torch::autograd::grad({loss}, {x})[0];
+      // fp64 CPU reference from the same rounded inputs and tables.
+      auto x64 = qkv.to(torch::kCPU, torch::kFloat64).requires_grad_(true);
+      RotaryTables r64{rope.cos_TR.to(torch::kCPU, torch::kFloat64), rope.sin_TR.to(torch::kCPU, torch::kFloat64)};
+      auto ref = rotary_qkv_composite(x64, H, r64);
+      auto loss64 = (ref.q * w[0].to(torch::kCPU, torch::kFloat64)).sum() +
+                    (ref.k * w[1].to(torch::kCPU, torch::kFloat64)).sum() +
+                    (ref.v * w[2].to(torch::kCPU, torch::kFloat64)).sum();
+      auto dx64 = torch::autograd::grad({loss64}, {x64})[0];
+      const double tol = dt == torch::kBFloat16 ? std::ldexp(1.0, -7) : 2e-6;
+      const std::string what = std::string(dt == torch::kBFloat16 ? "bf16" : "fp32") + " Dh " + std::to_string(Dh);
+      EXPECT_LT(rel_err(out.q, ref.q.detach()), tol) << what << " q";
+      EXPECT_LT(rel_err(out.k, ref.k.detach()), tol) << what << " k";
+      EXPECT_EQ(rel_err(out.v, ref.v.detach()), 0.0) << what << " v";
+      EXPECT_LT(rel_err(dx, dx64), tol) << what << " dqkv";
+    }
+}
+
+TEST(CudaKernels, CrossEntropyRowsMatchAnFp64ReferenceOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(7);
+  // (rows, V, row padding): float4 path with padded rows; odd V (scalar path).
+  const int64_t shapes[][3] = {{4, 4096, 12}, {5, 1003, 0}};
+  for (const auto& sh : shapes) {
+    const int64_t R = sh[0], V = sh[1], pad = sh[2];
+    auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat32);
+    auto logits = (torch::randn({R, V + pad}, opts) * 4).narrow(1, 0, V);
+    auto targets = torch::randint(V, {R}, opts.dtype(torch::kInt64));
+    {  // row 0: a confident prediction, 1 − p_t ≈ e^-7 ≈ 1e-3: its gradient −(1 − p_t)
+      // must survive (the fp32 log-softmax resolves it; a bf16 exp − 1 would not)
+      torch::NoGradGuard ng;
+      logits[0].normal_(0, 0.1);
+      logits[0][targets[0].item<int64_t>()] = std::log(double(V)) + 7.0;
+    }
+    auto grad = torch::empty({R, V}, opts.dtype(torch::kBFloat16));
+    auto loss = torch::empty({R}, opts);
+    cuda_cross_entropy_rows(logits, targets, grad, loss);
+    auto x = logits.to(torch::kCPU, torch::kFloat64);
+    auto t = targets.to(torch::kCPU);
+    auto logp = torch::log_softmax(x, 1);
+    auto ref_loss = -logp.gather(1, t.unsqueeze(1)).squeeze(1);
+    auto ref_grad = logp.exp().scatter_add(1, t.unsqueeze(1), -torch::ones({R, 1}, torch::kFloat64));
+    const std::string what = "V " + std::to_string(V);
+    EXPECT_LT((loss.to(torch::kCPU, torch::kFloat64) - ref_loss).abs().max().item<double>(), 1e-4) << what;
+    // every entry within bf16 rounding (plus the fp32 log-softmax's own error)
+    // of its own value: relative to the entry, not to the row's largest
+    auto g = grad.to(torch::kCPU, torch::kFloat64);
+    EXPECT_TRUE(((g - ref_grad).abs() <= ref_grad.abs() * std::ldexp(1.0, -7)).all().item<bool>())
+        << what << ": max rel " << ((g - ref_grad).abs() / ref_grad.abs().clamp_min(1e-38)).max().item<double>();
+    const double gt = g[0][t[0].item<int64_t>()].item<double>(), gt_ref = ref_grad[0][t[0].item<int64_t>()].item<double>();
+    EXPECT_NEAR(gt, gt_ref, std::abs(gt_ref) * std::ldexp(1.0, -7)) << what << ": the confident row's target";
+  }
+  // no gradient asked for: losses only; a target outside [0, V) gives NaN
+  auto logits = torch::randn({2, 64}, torch::TensorOptions().device(torch::kCUDA));
+  auto targets = torch::tensor({3, 64}, torch::TensorOptions().device(torch::kCUDA).dtype(torch::kInt64));
+  auto loss = torch::empty({2}, logits.options());
+  cuda_cross_entropy_rows(logits, targets, torch::Tensor(), loss);
+  EXPECT_NEAR(loss[0].item<double>(), -torch::log_softmax(logits[0], 0)[3].item<double>(), 1e-5);
+  EXPECT_TRUE(std::isnan(loss[1].item<double>()));
+}
