@@ -13,6 +13,7 @@
 #include "model/cuda_kernels.h"
 #include "model/expert_ffn.h"
 #include "model/rotary_qkv.h"
+#include "model/router_sinkhorn.h"
 
 using namespace moecpt;
 using namespace moecpt::model;
@@ -191,4 +192,38 @@ TEST(CudaKernels, CrossEntropyRowsMatchAnFp64ReferenceOnAGpu) {
   cuda_cross_entropy_rows(logits, targets, torch::Tensor(), loss);
   EXPECT_NEAR(loss[0].item<double>(), -torch::log_softmax(logits[0], 0)[3].item<double>(), 1e-5);
   EXPECT_TRUE(std::isnan(loss[1].item<double>()));
+}
+
+TEST(CudaKernels, SinkhornMatchesTheCpuIterationOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(8);
+  const double tol = 1e-3, eps = 1e-8;
+  for (int64_t E : {31, 8, 64}) {
+    const int64_t T = 4096;
+    auto z = torch::randn({T, E}) * 2;  // skewed scores: several iterations to balance
+    // the CPU path tests the error every iteration, as the kernel does
+    auto ref = sinkhorn_balance(z, tol, 100, eps);
+    auto C = torch::exp(z - std::get<0>(z.max(-1, true)));
+    auto k = cuda_sinkhorn(C.to(torch::kCUDA), tol, 100, eps);
+    auto stats = k.stats_2.cpu();
+    const int64_t iters = int64_t(stats[0].item<float>());
+    const std::string what = "E " + std::to_string(E) + ": " + std::to_string(iters) + " iterations, CPU " +
+                             std::to_string(ref.iters);
+    // fp32 sums in another order: the count may differ by one where the error is at tol
+    EXPECT_LE(std::abs(iters - ref.iters), 1) << what;
+    EXPECT_GE(iters, 2) << what;
+    auto S = (k.d0_T.unsqueeze(1) * C.to(torch::kCUDA) * k.d1_E.unsqueeze(0)).cpu();
+    const double rel = (S - ref.S_TE).abs().max().item<double>() / ref.S_TE.abs().max().item<double>();
+    EXPECT_LT(rel, iters == ref.iters ? 1e-4 : 2e-2) << what;
+    if (iters == ref.iters) EXPECT_NEAR(stats[1].item<float>(), ref.error, 1e-6 + 1e-3 * ref.error) << what;
+    EXPECT_LT(stats[1].item<float>(), tol) << what;
+    // balanced: column sums ≈ 1/E
+    EXPECT_LT((S.sum(0) * double(E) - 1).abs().max().item<double>(), 0.05) << what;
+  }
+  // tol 0: every iteration up to max_iters; E > 64 refused by name
+  auto C = torch::rand({128, 5}, torch::kCUDA) + 0.1;
+  auto k = cuda_sinkhorn(C, 0.0, 7, eps);
+  EXPECT_EQ(k.stats_2[0].item<float>(), 7.f);
+  expect_error_containing([] { cuda_sinkhorn(torch::ones({4, 65}, torch::kCUDA), 1e-3, 10, 1e-8); },
+                          "1 <= E <= 64");
 }

@@ -172,6 +172,11 @@ TEST(RouterSinkhorn, TrainingChoiceIsBalancedGatesAreRawSoftmax) {
   EXPECT_GE(r.sinkhorn_iters, 1);
   EXPECT_LE(r.sinkhorn_iters, rc.sinkhorn_max_iters);
   EXPECT_TRUE(r.sinkhorn_error < rc.sinkhorn_tol || r.sinkhorn_iters == rc.sinkhorn_max_iters);
+  // The same two numbers as a device tensor, for the trainer's one host copy per step.
+  ASSERT_TRUE(r.sinkhorn_stats.defined());
+  EXPECT_EQ(r.sinkhorn_stats.scalar_type(), torch::kFloat64);
+  EXPECT_EQ(r.sinkhorn_stats[0].item<double>(), double(r.sinkhorn_iters));
+  EXPECT_EQ(r.sinkhorn_stats[1].item<double>(), r.sinkhorn_error);
   EXPECT_EQ(r.aux_loss.item<double>(), 0.0);
   EXPECT_EQ(r.z_loss.item<double>(), 0.0);
 }

@@ -264,6 +264,8 @@ void run_bench_train(const BenchOptions& o) {
   const std::string rope_path = model::fused_rotary_enabled() ? "fused" : "composite";
   // moecpt's own CUDA kernels (gated activation, RoPE, head; MOECPT_CUDA_KERNELS=0: ATen ops)
   const bool cuda_kernels = model::cuda_kernels_enabled() && dev.is_cuda();
+  const bool sinkhorn_kernel = model::sinkhorn_kernel_requested() && cuda_kernels && mc.ffn == "moe" &&
+                               cfg.router.type == "sinkhorn" && mc.n_experts <= 64;  // MOECPT_SINKHORN_KERNEL=1
   const std::string moe_combine = mc.ffn != "moe" ? "none" : model::gather_combine_enabled() ? "gather" : "index_add";
   const std::string expert_path = mc.ffn != "moe"          ? "none"
                                   : grouped_calls && loop_calls ? "mixed"
@@ -316,6 +318,7 @@ void run_bench_train(const BenchOptions& o) {
       {"rope", rope_path},
       {"moe_combine", moe_combine},
       {"cuda_kernels", cuda_kernels},
+      {"sinkhorn_kernel", sinkhorn_kernel},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
@@ -379,6 +382,7 @@ void run_bench_train(const BenchOptions& o) {
                 cuda_kernels               ? "on (MOECPT_CUDA_KERNELS=0: ATen ops)"
                 : model::cuda_kernels_compiled() ? "off (MOECPT_CUDA_KERNELS=0)"
                                            : "not built (-DMOECPT_CUDA_KERNELS=ON)");
+  if (sinkhorn_kernel) std::printf("  Sinkhorn: one CUDA kernel, stopping test on the device (MOECPT_SINKHORN_KERNEL=1)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",

@@ -161,4 +161,33 @@ void cuda_cross_entropy_rows(const torch::Tensor& logits, const torch::Tensor& t
 #endif
 }
 
+CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t max_iters, double eps) {
+  if (!C_TE.is_cuda() || C_TE.scalar_type() != torch::kFloat32 || C_TE.dim() != 2 || !C_TE.is_contiguous() ||
+      C_TE.size(1) < 1 || C_TE.size(1) > 64)
+    throw Error("cuda_sinkhorn: C must be a contiguous fp32 CUDA [T, E] with 1 <= E <= 64");
+  const int64_t T = C_TE.size(0), E = C_TE.size(1);
+  CudaSinkhornResult r{torch::empty({T}, C_TE.options()), torch::empty({E}, C_TE.options()),
+                       torch::empty({2}, C_TE.options())};
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::sinkhorn(C_TE.data_ptr<float>(), T, E, float(tol), max_iters, float(eps),
+                              r.d0_T.data_ptr<float>(), r.d1_E.data_ptr<float>(), r.stats_2.data_ptr<float>(),
+                              current_stream(C_TE)),
+               "sinkhorn");
+#else
+  (void)tol, (void)max_iters, (void)eps;
+  not_built();
+#endif
+  return r;
+}
+
+bool sinkhorn_kernel_requested() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOECPT_SINKHORN_KERNEL");
+    if (!v || !*v || std::string(v) == "0") return false;
+    if (std::string(v) == "1") return true;
+    throw Error("MOECPT_SINKHORN_KERNEL must be 0 or 1, got '" + std::string(v) + "'");
+  }();
+  return on;
+}
+
 }  // namespace moecpt::model

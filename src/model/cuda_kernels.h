@@ -37,4 +37,16 @@ void cuda_rotate_pairs(const torch::Tensor& out, const torch::Tensor& x, const t
 void cuda_cross_entropy_rows(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& grad,
                              const torch::Tensor& loss_rows);
 
+// Sinkhorn balancing of C [T, E] (fp32 CUDA, contiguous, 1 ≤ E ≤ 64) in one
+// kernel with its stopping test on the device (no host read): d0 [T], d1 [E]
+// and stats [2] = (iterations, final mean |d1 − d1_prev|), fp32 on the device.
+// The maths of model/router_sinkhorn.h with the test every iteration.
+struct CudaSinkhornResult {
+  torch::Tensor d0_T, d1_E, stats_2;
+};
+CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t max_iters, double eps);
+// Whether the Sinkhorn router uses cuda_sinkhorn: opt-in, MOECPT_SINKHORN_KERNEL=1,
+// until it has been measured on a GPU (read once; 0 or 1, else an error).
+bool sinkhorn_kernel_requested();
+
 }  // namespace moecpt::model

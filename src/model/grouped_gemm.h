@@ -3,10 +3,11 @@
 //   loop     one host copy of the E group sizes per layer, then 3 plain mm per
 //            non-empty expert group (fwd) on zero-copy slices. Any LibTorch, any
 //            device, any dtype.
-//   grouped  at::_grouped_mm (LibTorch >= 2.8): 3 grouped GEMMs per layer over
-//            all experts, the group boundaries given as device-side int32
-//            offsets (cumsum of the counts), so no host sync and no per-expert
-//            launches. Inputs and weights are cast to bf16 (the CUTLASS kernel
+//   grouped  at::_grouped_mm (LibTorch >= 2.8): 2 grouped GEMMs per layer over
+//            all experts (w1|w3 as one [E, D, 2H] weight, then w2; the gated
+//            activation between them is one node), the group boundaries given
+//            as device-side int32 offsets (cumsum of the counts), so no host sync
+//            and no per-expert launches. Inputs and weights are cast to bf16 (the CUTLASS kernel
 //            runs on sm90/sm100 in bf16 only; elsewhere ATen falls back to a
 //            per-group loop with its own host copy). Needs d_model and
 //            expert_hidden to be multiples of 8 (16-byte rows).

@@ -93,13 +93,12 @@ torch::Tensor dispatch_slots(const torch::Tensor& x_TD, const SlotOrder& o) {
 
 torch::Tensor combine_slots(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
   check(y_SD, o, "combine_slots");
-  const int64_t T = gates_TK.size(0), K = o.top_k, D = y_SD.size(1);
+  const int64_t T = gates_TK.size(0), K = o.top_k;
   if (gates_TK.dim() != 2 || gates_TK.size(1) != K || y_SD.size(0) != T * K)
     throw Error("combine_slots: gates must be [T, K] for T·K = " + std::to_string(y_SD.size(0)) + " slots");
   if (y_SD.size(0) != o.order_S.size(0))
     throw Error("combine_slots: " + std::to_string(y_SD.size(0)) + " slot outputs for an order of " +
                 std::to_string(o.order_S.size(0)) + " slots");
-  (void)D;
   return CombineSlots::apply(y_SD, gates_TK, o.order_S, o.inverse_S, o.token_S);
 }
 

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 
+#include "model/cuda_kernels.h"
 #include "model/torch_compat.h"
 
 namespace moecpt::model {
@@ -14,6 +16,15 @@ SinkhornResult sinkhorn_balance(const torch::Tensor& logits_TE, double tol, int6
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
   auto z_TE = logits_TE.detach().to(torch::promote_types(logits_TE.scalar_type(), torch::kFloat32));
   auto C_TE = torch::exp(z_TE - std::get<0>(z_TE.max(-1, /*keepdim=*/true)));
+  if (use_cuda_kernels(C_TE) && C_TE.scalar_type() == torch::kFloat32 && E <= 64 && sinkhorn_kernel_requested()) {
+    auto k = cuda_sinkhorn(C_TE.contiguous(), tol, max_iters, eps);
+    SinkhornResult res;
+    res.S_TE = k.d0_T.unsqueeze(1) * C_TE * k.d1_E.unsqueeze(0);
+    res.iters = -2;
+    res.error = std::numeric_limits<double>::quiet_NaN();
+    res.stats = k.stats_2.to(torch::kFloat64);
+    return res;
+  }
   auto d0_T = torch::ones({T}, C_TE.options());
   auto d1_E = torch::ones({E}, C_TE.options());
 
@@ -40,6 +51,9 @@ SinkhornResult sinkhorn_balance(const torch::Tensor& logits_TE, double tol, int6
     if (check && res.error < tol) break;
   }
   res.S_TE = d0_T.unsqueeze(1) * C_TE * d1_E.unsqueeze(0);
+  res.stats = torch::empty({2}, C_TE.options().dtype(torch::kFloat64));  // two fills: no host-to-device copy
+  res.stats[0].fill_(double(res.iters));
+  res.stats[1].fill_(res.error);
   return res;
 }
 
@@ -60,6 +74,7 @@ RoutingInfo SinkhornRouter::route(const torch::Tensor& x_TD) {
     r.topk_ids_TK = std::get<1>(balanced.S_TE.topk(top_k_, -1));
     r.sinkhorn_iters = balanced.iters;
     r.sinkhorn_error = balanced.error;
+    r.sinkhorn_stats = balanced.stats;
   } else {
     torch::NoGradGuard no_grad;
     r.topk_ids_TK = std::get<1>(logits_TE.topk(top_k_, -1));

@@ -439,8 +439,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     // sync per step, not three per micro-batch plus one per MoE layer.
     torch::Tensor losses_dev;           // [lm, aux, z] mean over micro-batches, fp64
     std::vector<torch::Tensor> counts;  // per MoE layer, summed over micro-batches (on the device)
-    std::vector<int64_t> sk_iters;  // Sinkhorn convergence per MoE layer (last micro-batch)
-    std::vector<double> sk_error;
+    std::vector<torch::Tensor> sk_dev;  // Sinkhorn [iterations, error] per MoE layer (last micro-batch), on the device
     set_dp_sum(true);
     for (int64_t mb = 0; mb < n_micro; ++mb) {
       std::optional<compat::Autocast> autocast;
@@ -460,9 +459,9 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       if (counts.empty()) counts.resize(l.routing.size());
       for (size_t i = 0; i < l.routing.size(); ++i)
         counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
-      sk_iters.clear(), sk_error.clear();
+      sk_dev.clear();
       for (const auto& r : l.routing)
-        if (r.sinkhorn_iters >= 0) sk_iters.push_back(r.sinkhorn_iters), sk_error.push_back(r.sinkhorn_error);
+        if (r.sinkhorn_stats.defined()) sk_dev.push_back(r.sinkhorn_stats.to(torch::kFloat64).reshape({2}));
     }
     set_dp_sum(false);
     // [lm, aux, z, (stop), counts of every MoE layer…] as one fp64 device vector.
@@ -484,6 +483,10 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       c = stats_dev.narrow(0, off, c.numel()).to(torch::kInt64);
       off += c.numel();
     }
+    // Sinkhorn's [iterations, error] per layer (this rank's own, so after the
+    // all-reduce), then the grad norm (last): all in the step's one host copy.
+    const int64_t sk_at = stats_dev.numel();
+    if (!sk_dev.empty()) stats_dev = torch::cat({stats_dev, torch::cat(sk_dev)});
     // Clipping before the finiteness check is harmless: a non-finite step is skipped or aborts.
     torch::Tensor grad_norm_dev;
     double ep_grad_norm = 0;  // expert parallel: the norm spans the experts of every rank (host reads inside)
@@ -499,6 +502,12 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     const double* sv = stats.data_ptr<double>();
     const double lm = sv[0], aux = sv[1], z = sv[2];
     if (group) stop_agreed = sv[3] > 0;
+    std::vector<int64_t> sk_iters;  // Sinkhorn convergence per MoE layer (last micro-batch)
+    std::vector<double> sk_error;
+    for (size_t i = 0; i < sk_dev.size(); ++i) {
+      sk_iters.push_back(int64_t(sv[sk_at + 2 * int64_t(i)]));
+      sk_error.push_back(sv[sk_at + 2 * int64_t(i) + 1]);
+    }
     std::vector<torch::Tensor> host_counts;
     off = counts_at;
     for (const auto& c : counts) {

@@ -202,6 +202,78 @@ __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// One block of kSinkhornThreads threads does every iteration: each thread
+// takes rows t ≡ tid, computes d0[t] and accumulates its share of Cᵀ d0 in
+// registers (E ≤ EMAX), warps and then the block reduce it. C (2 MB at
+// T = 16384, E = 31) is read from L2 twice per iteration.
+constexpr int kSinkhornThreads = 512;
+
+template <int EMAX>
+__global__ void __launch_bounds__(kSinkhornThreads)
+    sinkhorn_kernel(const float* __restrict__ C, int64_t T, int E, float tol, int64_t max_iters, float eps,
+                    float* __restrict__ d0, float* __restrict__ d1_out, float* __restrict__ stats) {
+  constexpr int kWarps = kSinkhornThreads / 32;
+  __shared__ float d1[EMAX], part[kWarps][EMAX];
+  __shared__ float err_shared;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  if (tid < EMAX) d1[tid] = 1.f;
+  __syncthreads();
+  const float inv_t = 1.f / float(T), inv_e = 1.f / float(E);
+  int64_t it = 0;
+  float err = 0.f;
+  while (it < max_iters) {
+    float acc[EMAX];
+#pragma unroll
+    for (int e = 0; e < EMAX; ++e) acc[e] = 0.f;
+    for (int64_t t = tid; t < T; t += kSinkhornThreads) {
+      const float* row = C + t * E;
+      float s = 0.f;
+#pragma unroll
+      for (int e = 0; e < EMAX; ++e)
+        if (e < E) s += row[e] * d1[e];
+      const float d0t = inv_t / (s + eps);
+      d0[t] = d0t;
+#pragma unroll
+      for (int e = 0; e < EMAX; ++e)
+        if (e < E) acc[e] += row[e] * d0t;
+    }
+#pragma unroll
+    for (int e = 0; e < EMAX; ++e) {
+      float v = acc[e];
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) part[warp][e] = v;
+    }
+    __syncthreads();  // part complete
+    float d1_new = 0.f, diff = 0.f;
+    if (tid < E) {
+      float tot = 0.f;
+      for (int w = 0; w < kWarps; ++w) tot += part[w][tid];
+      d1_new = inv_e / (tot + eps);
+      diff = fabsf(d1_new - d1[tid]);
+    }
+    __syncthreads();  // every read of part and d1 done
+    if (tid < E) {
+      d1[tid] = d1_new;
+      part[0][tid] = diff;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      float v = 0.f;
+      for (int e = lane; e < E; e += 32) v += part[0][e];
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) err_shared = v * inv_e;
+    }
+    __syncthreads();
+    err = err_shared;
+    ++it;
+    if (err < tol) break;  // the same value in every thread: the block leaves together
+  }
+  if (tid < E) d1_out[tid] = d1[tid];
+  if (tid == 0) stats[0] = float(it), stats[1] = err;
+}
+
 constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t total) {
@@ -300,6 +372,17 @@ int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, 
   else
     cross_entropy_rows_kernel<kRowThreads, false><<<unsigned(rows), kRowThreads, 0, st>>>(logits, ld, targets, V, g,
                                                                                           ld_grad, loss);
+  return int(cudaGetLastError());
+}
+
+int sinkhorn(const float* C, int64_t T, int64_t E, float tol, int64_t max_iters, float eps, float* d0, float* d1,
+             float* stats, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (E < 1 || E > 64) return int(cudaErrorInvalidValue);
+  if (E <= 32)
+    sinkhorn_kernel<32><<<1, kSinkhornThreads, 0, st>>>(C, T, int(E), tol, max_iters, eps, d0, d1, stats);
+  else
+    sinkhorn_kernel<64><<<1, kSinkhornThreads, 0, st>>>(C, T, int(E), tol, max_iters, eps, d0, d1, stats);
   return int(cudaGetLastError());
 }
 

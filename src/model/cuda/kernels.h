@@ -39,4 +39,12 @@ int rotate_pairs(DType dt, const void* x, const int64_t x_strides[3], void* out,
 int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,
                        void* grad_bf16, int64_t ld_grad, float* loss, void* stream);
 
+// Sinkhorn balancing of C [T, E] (fp32, contiguous, E ≤ 64) in one kernel (one
+// block): from d1 = 1, repeat
+//   d0 = (1/T) / (C d1 + eps);  d1' = (1/E) / (Cᵀ d0 + eps);  err = mean |d1' − d1|;  d1 = d1'
+// until err < tol or max_iters, the stopping test every iteration on the
+// device (no host read). Writes d0 [T], d1 [E] and stats [2] = (iterations, err).
+int sinkhorn(const float* C, int64_t T, int64_t E, float tol, int64_t max_iters, float eps, float* d0, float* d1,
+             float* stats, void* stream);
+
 }  // namespace moecpt::cuda
