@@ -1,8 +1,8 @@
 #include "model/cuda_kernels.h"
 
-#include <cstdlib>
 #include <string>
 
+#include "core/env.h"
 #include "core/error.h"
 
 #ifdef MOECPT_CUDA_KERNELS
@@ -24,12 +24,7 @@ bool cuda_kernels_compiled() {
 namespace {
 
 bool enabled_by_env() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOECPT_CUDA_KERNELS");
-    if (!v || !*v || std::string(v) == "1") return true;
-    if (std::string(v) == "0") return false;
-    throw Error("MOECPT_CUDA_KERNELS must be 0 or 1, got '" + std::string(v) + "'");
-  }();
+  static const bool on = env_switch("MOECPT_CUDA_KERNELS", true);
   return on;
 }
 
@@ -181,12 +176,7 @@ CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t 
 }
 
 bool sinkhorn_kernel_requested() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOECPT_SINKHORN_KERNEL");
-    if (!v || !*v || std::string(v) == "0") return false;
-    if (std::string(v) == "1") return true;
-    throw Error("MOECPT_SINKHORN_KERNEL must be 0 or 1, got '" + std::string(v) + "'");
-  }();
+  static const bool on = env_switch("MOECPT_SINKHORN_KERNEL", false);
   return on;
 }
 

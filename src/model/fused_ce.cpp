@@ -14,23 +14,27 @@ namespace moecpt::model {
 
 namespace {
 
+// An operator overload looked up in the dispatcher at run time, typed as Sig:
+// absent (older LibTorch), of another signature, or switched off by
+// MOECPT_HEAD_FP32_MM=0 (A/B runs) → nullopt, and the caller keeps its fallback.
+template <typename Sig>
+c10::optional<c10::TypedOperatorHandle<Sig>> find_typed_op(const char* name, const char* overload) {
+  const char* v = std::getenv("MOECPT_HEAD_FP32_MM");
+  if (v && std::string(v) == "0") return c10::nullopt;
+  auto h = c10::Dispatcher::singleton().findSchema({name, overload});
+  if (!h) return c10::nullopt;
+  try {
+    return h->typed<Sig>();
+  } catch (const c10::Error&) {  // a different signature than expected
+    return c10::nullopt;
+  }
+}
+
 // aten::mm.dtype_out: bf16 × bf16 → fp32 straight from cuBLAS's fp32
-// accumulator (CUDA only; recent LibTorch). Looked up in the dispatcher at run
-// time, so this compiles against every LibTorch and falls back where the op is
-// missing. MOECPT_HEAD_FP32_MM=0 turns it off (A/B runs).
+// accumulator (CUDA only; recent LibTorch). Compiles against every LibTorch.
 using MmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, c10::ScalarType, at::Tensor&);
 const auto& mm_dtype_out_op() {
-  static const auto op = []() -> c10::optional<c10::TypedOperatorHandle<MmDtypeOut>> {
-    const char* v = std::getenv("MOECPT_HEAD_FP32_MM");
-    if (v && std::string(v) == "0") return c10::nullopt;
-    auto h = c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
-    if (!h) return c10::nullopt;
-    try {
-      return h->typed<MmDtypeOut>();
-    } catch (const c10::Error&) {  // a different signature than expected: keep the cast
-      return c10::nullopt;
-    }
-  }();
+  static const auto op = find_typed_op<MmDtypeOut>("aten::mm", "dtype_out");
   return op;
 }
 
@@ -41,17 +45,7 @@ const auto& mm_dtype_out_op() {
 using AddmmDtypeOut = at::Tensor&(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ScalarType,
                                   const c10::Scalar&, const c10::Scalar&, at::Tensor&);
 const auto& addmm_dtype_out_op() {
-  static const auto op = []() -> c10::optional<c10::TypedOperatorHandle<AddmmDtypeOut>> {
-    const char* v = std::getenv("MOECPT_HEAD_FP32_MM");
-    if (v && std::string(v) == "0") return c10::nullopt;
-    auto h = c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
-    if (!h) return c10::nullopt;
-    try {
-      return h->typed<AddmmDtypeOut>();
-    } catch (const c10::Error&) {
-      return c10::nullopt;
-    }
-  }();
+  static const auto op = find_typed_op<AddmmDtypeOut>("aten::addmm", "dtype_out");
   return op;
 }
 std::atomic<bool> g_addmm_dtype_out_failed{false};
