@@ -17,7 +17,8 @@
 #   5. one profiled step each of dense and Granular-Sinkhorn (`--profile`:
 #      GPU time per op from CUDA events)
 #   6. the PyTorch eager peer (bench/pytorch_eager.py --device cuda) on dense
-#      and Granular-Sinkhorn, same batch
+#      and Granular-Sinkhorn, same batch (when eager's Granular runs out of
+#      memory: both sides again at half the batch)
 #   7. `moecpt bench moe-layer` (both expert-GEMM paths, compared); the other
 #      MoE recipes; the per-expert loop (ALL_LOOPS=1 for all); accumulation 4
 #   8. the test suite (built in the background since step 2, niced) run with
@@ -236,6 +237,15 @@ log "6. the PyTorch eager peer, same models and batch"
 EAGER=(--recipes paper --device cuda --bf16 --batch "$BATCH" --steps 3 --warmup 2 --layers "${LAYERS/#0/24}")
 eager eager-dense 90 dense "${EAGER[@]}"
 eager eager-granular-sinkhorn 120 granular-sinkhorn "${EAGER[@]}"
+# Eager's Granular model ran out of memory at batch 8 (full fp32 logits): then
+# both sides at half the batch, for a Granular ratio on the same batch.
+if [ "$BATCH" -ge 2 ] && grep -q '"tag": "eager-granular-sinkhorn", "error"' "$OUT/results.jsonl" 2>/dev/null; then
+  HB=$((BATCH / 2))
+  eager eager-granular-sinkhorn-b$HB 90 granular-sinkhorn --recipes paper --device cuda --bf16 --batch $HB --steps 3 \
+    --warmup 2 --layers "${LAYERS/#0/24}"
+  bench granular-sinkhorn-grouped-b$HB 60 bench train --config $G --device cuda --dtype bfloat16 --batch $HB \
+    --steps "$STEPS" --warmup 2 "${LFLAG[@]}" --expert-gemm grouped
+fi
 if [ "${EXTRA:-1}" = 1 ]; then
 log "7. one MoE layer (both expert-GEMM paths); the other recipes"
 bench moe-layer-granular 60 bench moe-layer --config $G --device cuda --tokens $((BATCH * 2048)) --reps 10
