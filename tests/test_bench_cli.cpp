@@ -40,6 +40,17 @@ TEST(BenchCli, TrainJsonOnCpuWithFewerLayers) {
   EXPECT_TRUE(std::isfinite(j["final_loss"].get<double>()));
   EXPECT_NEAR(j["final_loss"].get<double>(), std::log(256.0), 1.0);  // near-uniform at init
   EXPECT_GT(j["peak_rss_mib"].get<double>(), 0);
+  // The optimizer's share, from two extra device-synced steps: positive, below
+  // the step, and the FLOPs without it over the rest of the step.
+  const double opt_ms = j["optimizer_ms"]["median"].get<double>(), step_ms = j["step_ms"]["median"].get<double>();
+  EXPECT_EQ(j["optimizer_ms"]["steps"].get<int64_t>(), 2);
+  EXPECT_GT(opt_ms, 0.0);
+  const double rest_s = (step_ms - std::min(opt_ms, 0.95 * step_ms)) / 1e3;
+  EXPECT_NEAR(j["tflops_without_optimizer"].get<double>(),
+              2.0 * 16 * double(model::train_flops_per_token(mc)) / rest_s / 1e12,
+              1e-6 * j["tflops_without_optimizer"].get<double>());
+  EXPECT_GE(j["mfu_without_optimizer"].get<double>(), j["mfu"].get<double>());
+  EXPECT_NEAR(j["mfu_without_optimizer"].get<double>(), j["tflops_without_optimizer"].get<double>() / 0.5, 1e-12);
 }
 
 TEST(BenchCli, TextOutputSaysLayersWereReducedAndMeasuresCpuPeak) {
@@ -48,6 +59,7 @@ TEST(BenchCli, TextOutputSaysLayersWereReducedAndMeasuresCpuPeak) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("layers: 1 of the config's 4 (reduced with --layers)"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("MFU: "), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("optimizer (clip + AdamW; 2 extra steps, device-synced): "), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("measured 1024^3 float32 matmul"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("unfused head"), std::string::npos) << r.output;
 }

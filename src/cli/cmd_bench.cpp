@@ -190,7 +190,9 @@ void run_bench_train(const BenchOptions& o) {
   // accumulation, as the trainer does for large batches): the optimizer and the
   // clip run once per accum forward/backward passes.
   const int64_t accum = o.accum;
-  auto step = [&] {
+  // opt_s: when given, the device is synced before the clip and after AdamW and
+  // the time between is written there (the optimizer's share, below).
+  auto step = [&](double* opt_s = nullptr) {
     opt->zero_grad();
     for (int64_t a = 0; a < accum; ++a) {
       torch::Tensor total;
@@ -213,9 +215,18 @@ void run_bench_train(const BenchOptions& o) {
       }
       total.backward();
     }
+    std::chrono::steady_clock::time_point t_opt;
+    if (opt_s) {
+      sync(dev);
+      t_opt = std::chrono::steady_clock::now();
+    }
     if (cfg.optim.grad_clip > 0)
       clip_grad_norm_on_device(params, cfg.optim.grad_clip, dynamic_cast<FusedAdamW*>(opt.get()));
     opt->step();
+    if (opt_s) {
+      sync(dev);
+      *opt_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_opt).count();
+    }
   };
 
   for (int64_t i = 0; i < o.warmup; ++i) step();
@@ -252,7 +263,18 @@ void run_bench_train(const BenchOptions& o) {
     for (const auto& op : ops) profiled_device_us += op.device_self_us;  // telescopes to the ops' GPU span
   }
   const double final_loss = loss.item<double>();
-  const auto calls_after = model::expert_gemm_calls();
+  const auto calls_after = model::expert_gemm_calls();  // before the extra steps below
+  // The optimizer's share (clip + AdamW), from two more steps with a device sync
+  // around it (not in the timed steps above). A run with many micro-batches per
+  // optimizer step (the paper's 1024 sequences are 128 micro-batches of 8) pays
+  // it once per step, so step time − optimizer time is what its per-micro-batch
+  // time approaches.
+  std::vector<double> opt_s;
+  for (int64_t i = 0; i < 2; ++i) {
+    double s = 0;
+    step(&s);
+    opt_s.push_back(s);
+  }
   const int64_t grouped_calls = calls_after.grouped - calls_before.grouped;
   const int64_t loop_calls = calls_after.loop - calls_before.loop;
   const auto* fused_opt = dynamic_cast<const FusedAdamW*>(opt.get());
@@ -298,6 +320,11 @@ void run_bench_train(const BenchOptions& o) {
     peak_source = "measured 1024^3 " + dtype + " matmul on this CPU (" + std::to_string(threads) + " threads)";
   }
   const double mfu = peak > 0 ? tflops / peak : 0.0;
+  // Without the optimizer's share (measured on the two extra steps; clamped so
+  // that noise cannot make it exceed the step).
+  const double opt_med_s = std::min(median(opt_s), 0.95 * med_s);
+  const double tflops_wo_opt = double(flops_per_token) * tokens_per_step / (med_s - opt_med_s) / 1e12;
+  const double mfu_wo_opt = peak > 0 ? tflops_wo_opt / peak : 0.0;
 
   nlohmann::json j = {
       {"config", o.config},
@@ -335,6 +362,9 @@ void run_bench_train(const BenchOptions& o) {
       {"peak_tflops", peak},
       {"peak_source", peak_source},
       {"mfu", peak > 0 ? nlohmann::json(mfu) : nlohmann::json(nullptr)},
+      {"optimizer_ms", {{"median", 1e3 * median(opt_s)}, {"steps", int64_t(opt_s.size())}}},
+      {"tflops_without_optimizer", tflops_wo_opt},
+      {"mfu_without_optimizer", peak > 0 ? nlohmann::json(mfu_wo_opt) : nlohmann::json(nullptr)},
       {"peak_rss_mib", peak_rss_mib()},
       {"gpu_memory_used_mib", gpu_mib >= 0 ? nlohmann::json(gpu_mib) : nlohmann::json(nullptr)},
       {"expert_gemm", {{"mode", model::expert_gemm_name(model::expert_gemm_mode())},
@@ -401,6 +431,10 @@ void run_bench_train(const BenchOptions& o) {
     std::printf("  MFU: %.1f %% of %.4g TFLOP/s (%s)\n", 100.0 * mfu, peak, peak_source.c_str());
   else
     std::printf("  MFU: n/a (%s)\n", peak_source.c_str());
+  std::printf("  optimizer (clip + AdamW; 2 extra steps, device-synced): %.1f ms of the step; without it %.4g TFLOP/s",
+              1e3 * median(opt_s), tflops_wo_opt);
+  if (peak > 0) std::printf(", MFU %.1f %% (what many micro-batches per optimizer step approach)", 100.0 * mfu_wo_opt);
+  std::printf("\n");
   if (mc.ffn == "moe")
     std::printf("  expert GEMM: %s (mode %s; LibTorch %s)\n", expert_path.c_str(),
                 model::expert_gemm_name(model::expert_gemm_mode()), TORCH_VERSION);
