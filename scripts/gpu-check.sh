@@ -148,7 +148,10 @@ elif "tokens_per_s" in r:
     print(f"  {r['model']['n_layers']} layers, batch {r['batch_sequences']}x{r['model']['seq_len']}: "
           f"{r['step_ms']['median']:.1f} ms/step (host {r.get('host_ms_per_step', {}).get('median', -1):.1f}), "
           f"{r['tokens_per_s']:.0f} tok/s, {r['tflops']:.1f} TFLOP/s, "
-          f"MFU {100*r['mfu']:.1f}% of {r['peak_tflops']:.0f}; experts {e.get('path')}; "
+          f"MFU {100*r['mfu']:.1f}% of {r['peak_tflops']:.0f}"
+          + (f" ({100*r['mfu_without_optimizer']:.1f}% without the optimizer's "
+             f"{r['optimizer_ms']['median']:.1f} ms)" if r.get('mfu_without_optimizer') else "")
+          + f"; experts {e.get('path')}; "
           f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
     print(json.dumps(r, indent=1), file=sys.stderr)
