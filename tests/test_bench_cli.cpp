@@ -124,6 +124,8 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   EXPECT_EQ(j["moe_combine"], "gather");
   EXPECT_EQ(j["cuda_kernels"], false);  // a CPU run
   EXPECT_EQ(j["sinkhorn_kernel"], false);
+  EXPECT_EQ(j["head_fp32_dw"], false);  // CUDA only
+  EXPECT_EQ(j["head_ce_kernel"], false);
   EXPECT_GT(j["host_ms_per_step"]["median"].get<double>(), 0.0);
   EXPECT_LE(j["host_ms_per_step"]["median"].get<double>(), j["step_ms"]["max"].get<double>());
   ::setenv("MOECPT_FUSED_ROPE", "0", 1);

@@ -7,6 +7,7 @@
 #include "gradcheck.h"
 
 #include "core/error.h"
+#include "model/cuda_kernels.h"
 #include "model/fused_ce.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
@@ -143,7 +144,13 @@ TEST(FusedLinearCrossEntropy, OnCudaUnderAutocastMatchesTheFp64Reference) {
       loss = fused_linear_cross_entropy(xc, wc, t.to(torch::kCUDA), chunk);
     }
     loss.backward();
-    std::cout << "chunk " << chunk << ": fp32 logits from the matmul: " << fused_head_fp32_logits() << "\n";
+    std::cout << "chunk " << chunk << ": fp32 logits from the matmul: " << fused_head_fp32_logits()
+              << "; dL/dW accumulated by addmm.dtype_out: " << fused_head_fp32_dw()
+              << "; cross-entropy kernel: " << fused_head_ce_kernel() << "\n";
+    // Where LibTorch writes fp32 logits from the matmul it has addmm.dtype_out
+    // too (both came with 2.x's mixed-dtype GEMMs): neither may have fallen back.
+    EXPECT_EQ(fused_head_fp32_dw(), fused_head_fp32_logits()) << "chunk " << chunk;
+    EXPECT_EQ(fused_head_ce_kernel(), cuda_kernels_enabled()) << "chunk " << chunk;
     EXPECT_NEAR(loss.item<double>(), ref.item<double>(), 0.01 * ref.item<double>()) << "chunk " << chunk;
     EXPECT_LT(rel(xc.grad(), xr.grad()), 0.03) << "chunk " << chunk;
     EXPECT_LT(rel(wc.grad(), wr.grad()), 0.03) << "chunk " << chunk;

@@ -336,6 +336,8 @@ void run_bench_train(const BenchOptions& o) {
       {"dtype", dtype},
       {"head", o.unfused_head ? "unfused (logits + cross_entropy)" : "fused linear + cross-entropy"},
       {"head_fp32_logits", head_fp32_logits},
+      {"head_fp32_dw", !o.unfused_head && model::fused_head_fp32_dw()},      // addmm.dtype_out
+      {"head_ce_kernel", !o.unfused_head && model::fused_head_ce_kernel()},  // moecpt's CUDA kernel
       {"threads", threads},
       {"batch_sequences", B},
       {"accum_micro_batches", accum},

@@ -50,7 +50,7 @@ const auto& addmm_dtype_out_op() {
 }
 std::atomic<bool> g_addmm_dtype_out_failed{false};
 
-std::atomic<bool> g_fp32_logits_last{false};
+std::atomic<bool> g_fp32_logits_last{false}, g_fp32_dw_last{false}, g_ce_kernel_last{false};
 // Set when mm.dtype_out threw at its first use (e.g. a LibTorch whose kernel
 // refuses these operands): the process then keeps the bf16 logits + cast.
 std::atomic<bool> g_mm_dtype_out_failed{false};
@@ -191,6 +191,9 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
       for (int64_t c = c0; c < c1; ++c) run_chunk(c, t);
     });
     g_fp32_logits_last = fp32_logits && !g_mm_dtype_out_failed;
+    g_fp32_dw_last = need_grad && low_precision && fp32_logits && addmm_dtype_out_op().has_value() &&
+                     !g_addmm_dtype_out_failed;
+    g_ce_kernel_last = ce_kernel;
     for (int64_t t = 1; t < n_threads; ++t) {
       loss_sum[0] += loss_sum[t];
       if (need_grad) grad_w[0] += grad_w[t];
@@ -211,6 +214,8 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
 }  // namespace
 
 bool fused_head_fp32_logits() { return g_fp32_logits_last; }
+bool fused_head_fp32_dw() { return g_fp32_dw_last; }
+bool fused_head_ce_kernel() { return g_ce_kernel_last; }
 
 int64_t default_ce_chunk_rows(const torch::Device& device, int64_t vocab) {
   if (const char* v = std::getenv("MOECPT_CE_CHUNK_ROWS"); v && *v) {

@@ -32,6 +32,11 @@ int64_t default_ce_chunk_rows(const torch::Device& device, int64_t vocab);
 // CUDA, bf16 autocast, a LibTorch that has the op, MOECPT_HEAD_FP32_MM not 0)
 // instead of casting bf16 logits. For `bench train`'s report.
 bool fused_head_fp32_logits();
+// Whether the last call with gradients had cuBLAS accumulate dL/dW into the
+// fp32 accumulator (aten::addmm.dtype_out, same conditions), and whether it ran
+// moecpt's cross-entropy kernel (model/cuda_kernels.h). For reports and tests.
+bool fused_head_fp32_dw();
+bool fused_head_ce_kernel();
 
 torch::Tensor fused_linear_cross_entropy(const torch::Tensor& x_ND, const torch::Tensor& w_VD,
                                          const torch::Tensor& targets_N, int64_t chunk_rows = 0);
