@@ -56,7 +56,7 @@ TEST(RouterTopK, AuxAndZLossMatchHandComputation) {
   EXPECT_NEAR(r.z_loss.item<double>(), 0.001 * std::pow(std::log(4.0), 2), 1e-8);
   EXPECT_EQ(r.gates_TK.scalar_type(), torch::kFloat32);
   EXPECT_EQ(r.topk_ids_TK.scalar_type(), torch::kInt64);
-  EXPECT_EQ(r.sinkhorn_iters, -1);
+  EXPECT_FALSE(r.sinkhorn_stats.defined());  // Sinkhorn did not run
 }
 
 TEST(RouterTopK, AuxGradientFlowsOnlyThroughMeanProbability) {
@@ -169,14 +169,15 @@ TEST(RouterSinkhorn, TrainingChoiceIsBalancedGatesAreRawSoftmax) {
   // Gates: raw softmax at the chosen ids.
   auto p = torch::softmax(z, -1);
   EXPECT_TRUE(torch::allclose(r.gates_TK, p.gather(1, r.topk_ids_TK)));
-  EXPECT_GE(r.sinkhorn_iters, 1);
-  EXPECT_LE(r.sinkhorn_iters, rc.sinkhorn_max_iters);
-  EXPECT_TRUE(r.sinkhorn_error < rc.sinkhorn_tol || r.sinkhorn_iters == rc.sinkhorn_max_iters);
-  // The same two numbers as a device tensor, for the trainer's one host copy per step.
+  // Iterations and final error, as a device tensor for the trainer's one host copy per step.
   ASSERT_TRUE(r.sinkhorn_stats.defined());
   EXPECT_EQ(r.sinkhorn_stats.scalar_type(), torch::kFloat64);
-  EXPECT_EQ(r.sinkhorn_stats[0].item<double>(), double(r.sinkhorn_iters));
-  EXPECT_EQ(r.sinkhorn_stats[1].item<double>(), r.sinkhorn_error);
+  const auto sk_iters = int64_t(r.sinkhorn_stats[0].item<double>());
+  const double sk_error = r.sinkhorn_stats[1].item<double>();
+  EXPECT_EQ(double(sk_iters), r.sinkhorn_stats[0].item<double>());  // a whole count
+  EXPECT_GE(sk_iters, 1);
+  EXPECT_LE(sk_iters, rc.sinkhorn_max_iters);
+  EXPECT_TRUE(sk_error < rc.sinkhorn_tol || sk_iters == rc.sinkhorn_max_iters);
   EXPECT_EQ(r.aux_loss.item<double>(), 0.0);
   EXPECT_EQ(r.z_loss.item<double>(), 0.0);
 }
@@ -197,7 +198,7 @@ TEST(RouterSinkhorn, EvalModeIsPlainTopK) {
   auto z = torch::randn({32, 4}) + torch::tensor({3.0f, 0.f, 0.f, 0.f});
   auto r = router->route(z);
   EXPECT_TRUE(torch::equal(r.topk_ids_TK, std::get<1>(z.topk(2, -1))));
-  EXPECT_EQ(r.sinkhorn_iters, -1);
+  EXPECT_FALSE(r.sinkhorn_stats.defined());  // Sinkhorn did not run
   EXPECT_TRUE(torch::allclose(r.gates_TK, torch::softmax(z, -1).gather(1, r.topk_ids_TK)));
 }
 

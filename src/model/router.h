@@ -20,11 +20,9 @@ struct RoutingInfo {
                                       // for the bias router), for entropy / inference-mode stats
   torch::Tensor aux_loss;             // scalar: load-balancing loss, already × α (0 if n/a)
   torch::Tensor z_loss;               // scalar: router z-loss, already × β (0 if n/a)
-  int64_t sinkhorn_iters = -1;        // iterations used by Sinkhorn (-1: not run; -2: counted on the
-                                      // device, see sinkhorn_stats)
-  double sinkhorn_error = 0.0;        // final mean |d1 - d1_prev| of Sinkhorn (NaN when on the device)
-  torch::Tensor sinkhorn_stats;       // fp64 [iterations, error] on the routing's device whenever
-                                      // Sinkhorn ran: the trainer reads it in the step's one host copy
+  torch::Tensor sinkhorn_stats;       // Sinkhorn's fp64 [iterations, final mean |d1 - d1_prev|] on the
+                                      // routing's device; undefined when Sinkhorn did not run. The
+                                      // trainer reads it in the step's one host copy.
 };
 
 class Router : public torch::nn::Module {

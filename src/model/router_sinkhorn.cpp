@@ -72,8 +72,6 @@ RoutingInfo SinkhornRouter::route(const torch::Tensor& x_TD) {
   if (is_training()) {
     auto balanced = sinkhorn_balance(logits_TE, tol_, max_iters_);
     r.topk_ids_TK = std::get<1>(balanced.S_TE.topk(top_k_, -1));
-    r.sinkhorn_iters = balanced.iters;
-    r.sinkhorn_error = balanced.error;
     r.sinkhorn_stats = balanced.stats;
   } else {
     torch::NoGradGuard no_grad;
