@@ -6,8 +6,9 @@
 #   2. configure against the LibTorch of python3's torch, build `moecpt`
 #   3. `moecpt bench train` on recipes/paper/{granular-sinkhorn,dense}.toml,
 #      --device cuda --dtype bfloat16 (fused AdamW, grouped expert GEMMs)
-#   4. A/B: Granular with the Sinkhorn kernel (MOECPT_SINKHORN_KERNEL=1, not yet
-#      measured); session 7's changes (measured in session 8): dense with the composite RoPE ops
+#   4. A/B: Granular with the Sinkhorn kernel (MOECPT_SINKHORN_KERNEL=1) and
+#      with the MoE combine kernel (MOECPT_MOE_COMBINE=kernel), neither measured
+#      yet; session 7's changes (measured in session 8): dense with the composite RoPE ops
 #      (MOECPT_FUSED_ROPE=0), dense with bf16 logits cast to fp32 in the head
 #      (MOECPT_HEAD_FP32_MM=0), Granular with the index_add MoE combine
 #      (MOECPT_MOE_COMBINE=index_add); Granular and dense with the bf16 residual
@@ -151,7 +152,7 @@ elif "tokens_per_s" in r:
           f"MFU {100*r['mfu']:.1f}% of {r['peak_tflops']:.0f}"
           + (f" ({100*r['mfu_without_optimizer']:.1f}% without the optimizer's "
              f"{r['optimizer_ms']['median']:.1f} ms)" if r.get('mfu_without_optimizer') else "")
-          + f"; experts {e.get('path')}; "
+          + f"; experts {e.get('path')}, combine {r.get('moe_combine')}, sinkhorn kernel {r.get('sinkhorn_kernel')}; "
           f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
     print(json.dumps(r, indent=1), file=sys.stderr)
@@ -189,26 +190,32 @@ COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmu
 G=recipes/paper/granular-sinkhorn.toml
 if [ "${AB:-0}" = 1 ]; then
   # A short A/B of what is not measured yet, interleaved, then one profiled
-  # Granular step by shapes; sections 3-7 are skipped. Now: the Sinkhorn router
-  # as one CUDA kernel with its stopping test on the device (MOECPT_SINKHORN_KERNEL=1,
-  # opt-in until measured; written in session 8 after its device time ran out),
-  # next to the default ATen iteration; and the Granular step with 4 micro-batches
-  # per optimizer step (the optimizer's share amortised, as the paper's
-  # 1024-sequence steps would run). (Session 8's A/B, measured: MOECPT_CUDA_KERNELS=0,
-  # MOECPT_MOE_COMBINE=index_add, run.residual_dtype=bfloat16.)
+  # Granular step by shapes; sections 3-7 are skipped. Now, both opt-in until
+  # measured (written without a GPU in sessions 8 and 9):
+  #   - the Sinkhorn router as one CUDA kernel with its stopping test on the
+  #     device (MOECPT_SINKHORN_KERNEL=1) vs the default ATen iteration;
+  #   - the MoE combine and the dispatch's backward as moecpt's kernels
+  #     (MOECPT_MOE_COMBINE=kernel) vs the gathers;
+  # then both together with 4 micro-batches per optimizer step (the optimizer's
+  # share amortised, as the paper's 1024-sequence steps would run). (Session 8's
+  # A/B, measured: MOECPT_CUDA_KERNELS=0, MOECPT_MOE_COMBINE=index_add,
+  # run.residual_dtype=bfloat16.)
   D=recipes/paper/dense.toml
   GG=(--config $G "${COMMON[@]}" --expert-gemm grouped)
-  log "A/B: Sinkhorn kernel vs ATen iteration; accumulation 4"
+  log "A/B: Sinkhorn kernel, MoE combine kernel, both; accumulation 4"
   for round in 1 2; do
-    [ "$round" = 2 ] && [ "$(left)" -lt 200 ] && { log "skip round 2 (budget)"; break; }
+    [ "$round" = 2 ] && [ "$(left)" -lt 220 ] && { log "skip round 2 (budget)"; break; }
     bench granular-sinkhorn-$round 60 bench train "${GG[@]}"
     MOECPT_SINKHORN_KERNEL=1 bench granular-sinkhorn-kernel-$round 60 bench train "${GG[@]}"
-    bench dense-$round 45 bench train --config $D "${COMMON[@]}"
+    MOECPT_MOE_COMBINE=kernel bench granular-combine-kernel-$round 60 bench train "${GG[@]}"
+    MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-$round 60 bench train "${GG[@]}"
+    [ "$round" = 1 ] && bench dense-$round 45 bench train --config $D "${COMMON[@]}"
   done
-  MOECPT_SINKHORN_KERNEL=1 bench granular-sinkhorn-kernel-accum4 90 bench train "${GG[@]}" --accum 4
-  MOECPT_SINKHORN_KERNEL=1 bench granular-sinkhorn-kernel-profile 60 bench train --config $G --device cuda \
-    --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped --profile 60 \
-    --profile-shapes
+  MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-accum4 90 bench train "${GG[@]}" \
+    --accum 4
+  MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-profile 60 bench train --config $G \
+    --device cuda --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
+    --profile 60 --profile-shapes
   print_profiles
 else
 log "3. training steps, paper recipes, bf16"
@@ -219,6 +226,8 @@ MOECPT_SINKHORN_KERNEL=1 bench granular-sinkhorn-grouped-sinkhorn-kernel 90 benc
   --expert-gemm grouped
 MOECPT_FUSED_ROPE=0 bench dense-composite-rope 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
 MOECPT_HEAD_FP32_MM=0 bench dense-head-bf16-logits 90 bench train --config recipes/paper/dense.toml "${COMMON[@]}"
+MOECPT_MOE_COMBINE=kernel bench granular-sinkhorn-grouped-combine-kernel 90 bench train --config $G "${COMMON[@]}" \
+  --expert-gemm grouped
 MOECPT_MOE_COMBINE=index_add bench granular-sinkhorn-grouped-index-add 90 bench train --config $G "${COMMON[@]}" \
   --expert-gemm grouped
 bench granular-sinkhorn-grouped-bf16-residual 90 bench train --config $G "${COMMON[@]}" --expert-gemm grouped \

@@ -133,10 +133,13 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   j = parse();
   EXPECT_EQ(j["rope"], "composite");
   EXPECT_EQ(j["moe_combine"], "index_add");
+  ::setenv("MOECPT_MOE_COMBINE", "kernel", 1);
+  j = parse();
+  EXPECT_EQ(j["moe_combine"], "gather");  // the kernels are CUDA only: a CPU run keeps the gathers
   ::setenv("MOECPT_MOE_COMBINE", "atomic", 1);
   auto bad = moecpt::testing::run_moecpt(cmd);
   EXPECT_EQ(bad.exit_code, 1) << bad.output;
-  EXPECT_NE(bad.output.find("MOECPT_MOE_COMBINE must be 'gather' or 'index_add', got 'atomic'"), std::string::npos)
+  EXPECT_NE(bad.output.find("MOECPT_MOE_COMBINE must be 'gather', 'index_add' or 'kernel', got 'atomic'"), std::string::npos)
       << bad.output;
   ::unsetenv("MOECPT_MOE_COMBINE");
   ::setenv("MOECPT_CUDA_KERNELS", "yes", 1);

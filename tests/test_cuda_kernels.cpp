@@ -12,6 +12,7 @@
 
 #include "model/cuda_kernels.h"
 #include "model/expert_ffn.h"
+#include "model/moe_slots.h"
 #include "model/rotary_qkv.h"
 #include "model/router_sinkhorn.h"
 
@@ -215,7 +216,9 @@ TEST(CudaKernels, SinkhornMatchesTheCpuIterationOnAGpu) {
     auto S = (k.d0_T.unsqueeze(1) * C.to(torch::kCUDA) * k.d1_E.unsqueeze(0)).cpu();
     const double rel = (S - ref.S_TE).abs().max().item<double>() / ref.S_TE.abs().max().item<double>();
     EXPECT_LT(rel, iters == ref.iters ? 1e-4 : 2e-2) << what;
-    if (iters == ref.iters) EXPECT_NEAR(stats[1].item<float>(), ref.error, 1e-6 + 1e-3 * ref.error) << what;
+    if (iters == ref.iters) {
+      EXPECT_NEAR(stats[1].item<float>(), ref.error, 1e-6 + 1e-3 * ref.error) << what;
+    }
     EXPECT_LT(stats[1].item<float>(), tol) << what;
     // balanced: column sums ≈ 1/E
     EXPECT_LT((S.sum(0) * double(E) - 1).abs().max().item<double>(), 0.05) << what;
@@ -227,3 +230,70 @@ TEST(CudaKernels, SinkhornMatchesTheCpuIterationOnAGpu) {
   expect_error_containing([] { cuda_sinkhorn(torch::ones({4, 65}, torch::kCUDA), 1e-3, 10, 1e-8); },
                           "1 <= E <= 64");
 }
+
+// The MoE slot kernels (model/moe_slots.h: dispatch_slots_cuda,
+// combine_slots_cuda) against the gather ops in fp64 on the CPU from the same
+// rounded inputs: forward and every gradient, K = 1..3, the vector (D = 1024)
+// and scalar (D = 100) paths, fp32 and bf16.
+TEST(CudaKernels, MoESlotGathersMatchAnFp64ReferenceOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(9);
+  const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+  for (auto dt : {torch::kFloat32, torch::kBFloat16}) {
+    // one rounding of an fp32 result: half an ulp of the dtype, plus fp32 sums
+    const double tol = dt == torch::kBFloat16 ? 1.0 / 256 : 1e-6;
+    for (int64_t D : {1024, 100}) {
+      for (int64_t K : {1, 2, 3}) {
+        const int64_t T = 257, E = 7;
+        const std::string what = std::string(dt == torch::kBFloat16 ? "bf16" : "fp32") + " D " + std::to_string(D) +
+                                 " K " + std::to_string(K);
+        auto ids = torch::randint(E, {T, K}, torch::kInt64);
+        const auto o_cpu = sort_slots_by_expert(ids);
+        const auto o = sort_slots_by_expert(ids.to(torch::kCUDA));
+        EXPECT_TRUE(torch::equal(o.inverse_S.cpu(), o_cpu.inverse_S)) << what;
+        auto x = torch::randn({T, D}).to(torch::kCUDA, dt).requires_grad_(true);
+        auto y = torch::randn({T * K, D}).to(torch::kCUDA, dt).requires_grad_(true);
+        auto gates = torch::rand({T, K}, torch::kCUDA).requires_grad_(true);
+        auto up_S = torch::randn({T * K, D}).to(torch::kCUDA, dt), up_T = torch::randn({T, D}).to(torch::kCUDA, dt);
+
+        auto x_SD = dispatch_slots_cuda(x, o);
+        auto out = combine_slots_cuda(y, gates, o);
+        EXPECT_EQ(out.scalar_type(), dt) << what;
+        EXPECT_TRUE(torch::equal(x_SD, x.index_select(0, o.token_S))) << what;
+        torch::autograd::backward({x_SD, out}, {up_S, up_T});
+
+        auto x64 = x.detach().to(torch::kCPU, torch::kFloat64).requires_grad_(true);
+        auto y64 = y.detach().to(torch::kCPU, torch::kFloat64).requires_grad_(true);
+        auto g64 = gates.detach().to(torch::kCPU, torch::kFloat64).requires_grad_(true);
+        auto ref_out = combine_slots(y64, g64, o_cpu);
+        torch::autograd::backward({dispatch_slots(x64, o_cpu), ref_out},
+                                  {up_S.to(torch::kCPU, torch::kFloat64), up_T.to(torch::kCPU, torch::kFloat64)});
+        // each error against the scale of its sum of |terms|
+        auto sum_abs_out = combine_slots(y64.detach().abs(), g64.detach(), o_cpu);
+        EXPECT_LT(((out.to(torch::kCPU, torch::kFloat64) - ref_out).abs() / (sum_abs_out + 1e-30)).max().item<double>(),
+                  tol)
+            << what;
+        EXPECT_LT(rel_err(y.grad(), y64.grad()), tol) << what << " (dy)";
+        auto up_S64 = up_S.to(torch::kCPU, torch::kFloat64);
+        auto dx_abs = torch::zeros({T, D}, f64).index_add(0, o_cpu.token_S, up_S64.abs());
+        EXPECT_LT(((x.grad().to(torch::kCPU, torch::kFloat64) - x64.grad()).abs() / (dx_abs + 1e-30)).max().item<double>(),
+                  tol)
+            << what << " (dx)";
+        // the gate gradients: fp32 sums of exact products of rounded values
+        auto g_S = up_T.to(torch::kCPU, torch::kFloat64).index_select(0, o_cpu.token_S);
+        auto dg_abs = (g_S * y64.detach()).abs().sum(1).index_select(0, o_cpu.inverse_S).view({T, K});
+        EXPECT_EQ(gates.grad().scalar_type(), torch::kFloat32) << what;
+        EXPECT_LT(((gates.grad().to(torch::kCPU, torch::kFloat64) - g64.grad()).abs() / (dg_abs + 1e-30)).max().item<double>(),
+                  1e-5)
+            << what << " (dgates)";
+      }
+    }
+  }
+  // the wrong shapes and a CPU tensor refused by name
+  const auto o = sort_slots_by_expert(torch::zeros({4, 2}, torch::TensorOptions().dtype(torch::kInt64).device(torch::kCUDA)));
+  expect_error_containing([&] { combine_slots_cuda(torch::zeros({8, 3}, torch::kCUDA), torch::zeros({3, 2}, torch::kCUDA), o); },
+                          "gates must be [T, K]");
+  expect_error_containing([&] { dispatch_slots_cuda(torch::zeros({4, 3}, torch::kFloat64).cuda(), o); },
+                          "needs fp32/bf16 CUDA rows");
+}
+

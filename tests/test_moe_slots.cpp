@@ -107,3 +107,24 @@ TEST(MoESlots, MismatchedShapesAreRefusedByName) {
   expect_error_containing([&] { combine_slots(torch::zeros({6, 3}), torch::zeros({3, 2}), o); }, "6 slot outputs for an order of 8");
   expect_error_containing([&] { sort_slots_by_expert(torch::zeros({8}, torch::kInt64)); }, "[T, K]");
 }
+
+// MOECPT_MOE_COMBINE=kernel asks for CUDA kernels; off CUDA (and for fp64) the
+// gathers run, with the same results. The kernels themselves refuse CPU rows
+// by name (their GPU test: CudaKernels.MoESlotGathersMatchAnFp64ReferenceOnAGpu).
+TEST(MoESlots, TheKernelChoiceFallsBackToTheGathersOffCuda) {
+  torch::manual_seed(41);
+  const int64_t T = 6, K = 2, D = 5;
+  auto ids = torch::randint(3, {T, K}, torch::kInt64);
+  const auto o = sort_slots_by_expert(ids);
+  auto x = torch::randn({T, D}), y_SD = torch::randn({T * K, D}), gates = torch::rand({T, K});
+  EXPECT_EQ(slot_ops_for(SlotOps::kKernel, y_SD), SlotOps::kGather);
+  EXPECT_EQ(slot_ops_for(SlotOps::kIndexAdd, y_SD), SlotOps::kIndexAdd);
+  EXPECT_STREQ(slot_ops_name(SlotOps::kKernel), "kernel");
+  EXPECT_TRUE(torch::equal(combine_slots_with(SlotOps::kKernel, y_SD, gates, o), combine_slots(y_SD, gates, o)));
+  EXPECT_TRUE(torch::equal(dispatch_slots_with(SlotOps::kKernel, x, o), dispatch_slots(x, o)));
+  EXPECT_TRUE(torch::allclose(combine_slots_with(SlotOps::kIndexAdd, y_SD, gates, o), combine_slots(y_SD, gates, o),
+                              1e-6, 1e-6));
+  expect_error_containing([&] { combine_slots_cuda(y_SD, gates, o); }, "needs fp32/bf16 CUDA rows");
+  expect_error_containing([&] { dispatch_slots_cuda(x, o); }, "needs fp32/bf16 CUDA rows");
+}
+

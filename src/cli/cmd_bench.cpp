@@ -288,7 +288,13 @@ void run_bench_train(const BenchOptions& o) {
   const bool cuda_kernels = model::cuda_kernels_enabled() && dev.is_cuda();
   const bool sinkhorn_kernel = model::sinkhorn_kernel_requested() && cuda_kernels && mc.ffn == "moe" &&
                                cfg.router.type == "sinkhorn" && mc.n_experts <= 64;  // MOECPT_SINKHORN_KERNEL=1
-  const std::string moe_combine = mc.ffn != "moe" ? "none" : model::gather_combine_enabled() ? "gather" : "index_add";
+  // MOECPT_MOE_COMBINE, as it applies to this device and dtype ("kernel" only on CUDA)
+  const std::string moe_combine =
+      mc.ffn != "moe" ? "none"
+                      : model::slot_ops_name(model::slot_ops_for(
+                            model::slot_ops_from_env(),
+                            torch::empty({0}, torch::TensorOptions().device(dev).dtype(
+                                                  dtype == "bfloat16" ? torch::kBFloat16 : torch::kFloat32))));
   const std::string expert_path = mc.ffn != "moe"          ? "none"
                                   : grouped_calls && loop_calls ? "mixed"
                                   : grouped_calls              ? "grouped"
@@ -405,8 +411,8 @@ void run_bench_train(const BenchOptions& o) {
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
   std::printf("  rope: %s (MOECPT_FUSED_ROPE=0: composite)%s\n", rope_path.c_str(),
               moe_combine == "none"     ? ""
-              : moe_combine == "gather" ? "; MoE combine: gather (MOECPT_MOE_COMBINE=index_add: atomic)"
-                                        : "; MoE combine: index_add");
+              : moe_combine == "gather" ? "; MoE combine: gather (MOECPT_MOE_COMBINE=index_add: atomic, =kernel: CUDA)"
+                                        : ("; MoE combine: " + moe_combine).c_str());
   if (dev.is_cpu() && dtype == "bfloat16" && !fast_bf16)
     std::printf("  note: no AVX-512 on this CPU: LibTorch's bf16 matmuls run a slow fallback (docs/performance.md)\n");
   if (dev.is_cuda())

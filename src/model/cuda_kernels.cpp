@@ -156,6 +156,62 @@ void cuda_cross_entropy_rows(const torch::Tensor& logits, const torch::Tensor& t
 #endif
 }
 
+namespace {
+
+// idx_S int64 [T·K] and (when defined) w_TK fp32 [T, K], contiguous, on `like`'s device.
+void check_slots(const torch::Tensor& like, const torch::Tensor& idx_S, const torch::Tensor& w_TK, int64_t T,
+                 int64_t K, const char* what) {
+  if (K < 1 || idx_S.device() != like.device() || idx_S.scalar_type() != torch::kInt64 || idx_S.dim() != 1 ||
+      idx_S.size(0) != T * K || !idx_S.is_contiguous())
+    throw Error(std::string(what) + ": the slot index must be contiguous int64 [T·K = " + std::to_string(T * K) +
+                "] on the rows' device");
+  if (w_TK.defined() && (w_TK.device() != like.device() || w_TK.scalar_type() != torch::kFloat32 ||
+                         w_TK.dim() != 2 || w_TK.size(0) != T || w_TK.size(1) != K || !w_TK.is_contiguous()))
+    throw Error(std::string(what) + ": the weights must be contiguous fp32 [" + std::to_string(T) + ", " +
+                std::to_string(K) + "] on the rows' device");
+}
+
+}  // namespace
+
+void cuda_gather_sum_rows(const torch::Tensor& src_SD, const torch::Tensor& idx_S, const torch::Tensor& w_TK,
+                          int64_t K, const torch::Tensor& out_TD) {
+  check_same(src_SD, out_TD, "cuda_gather_sum_rows");
+  const int64_t T = out_TD.size(0), D = out_TD.size(1);
+  check_rows(src_SD, T * K, D, "cuda_gather_sum_rows (src)");
+  check_rows(out_TD, T, D, "cuda_gather_sum_rows (out)");
+  check_slots(src_SD, idx_S, w_TK, T, K, "cuda_gather_sum_rows");
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::gather_sum_rows(dtype_of(src_SD), src_SD.data_ptr(), src_SD.stride(0), idx_S.data_ptr<int64_t>(),
+                                     w_TK.defined() ? w_TK.data_ptr<float>() : nullptr, T, K, D, out_TD.data_ptr(),
+                                     out_TD.stride(0), current_stream(src_SD)),
+               "gather_sum_rows");
+#else
+  not_built();
+#endif
+}
+
+void cuda_combine_backward(const torch::Tensor& g_TD, const torch::Tensor& y_SD, const torch::Tensor& idx_S,
+                           const torch::Tensor& w_TK, const torch::Tensor& dy_SD, const torch::Tensor& dw_TK) {
+  check_same(g_TD, y_SD, "cuda_combine_backward");
+  check_same(g_TD, dy_SD, "cuda_combine_backward");
+  const int64_t T = g_TD.size(0), D = g_TD.size(1), K = T > 0 ? y_SD.size(0) / T : 1;
+  check_rows(g_TD, T, D, "cuda_combine_backward (g)");
+  check_rows(y_SD, T * K, D, "cuda_combine_backward (y)");
+  check_rows(dy_SD, T * K, D, "cuda_combine_backward (dy)");
+  if (!w_TK.defined()) throw Error("cuda_combine_backward: the gates are required");
+  check_slots(g_TD, idx_S, w_TK, T, K, "cuda_combine_backward");
+  check_slots(g_TD, idx_S, dw_TK, T, K, "cuda_combine_backward (dw)");
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::combine_backward(dtype_of(g_TD), g_TD.data_ptr(), g_TD.stride(0), y_SD.data_ptr(),
+                                      y_SD.stride(0), idx_S.data_ptr<int64_t>(), w_TK.data_ptr<float>(), T, K, D,
+                                      dy_SD.data_ptr(), dy_SD.stride(0), dw_TK.data_ptr<float>(),
+                                      current_stream(g_TD)),
+               "combine_backward");
+#else
+  not_built();
+#endif
+}
+
 CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t max_iters, double eps) {
   if (!C_TE.is_cuda() || C_TE.scalar_type() != torch::kFloat32 || C_TE.dim() != 2 || !C_TE.is_contiguous() ||
       C_TE.size(1) < 1 || C_TE.size(1) > 64)

@@ -37,6 +37,15 @@ void cuda_rotate_pairs(const torch::Tensor& out, const torch::Tensor& x, const t
 void cuda_cross_entropy_rows(const torch::Tensor& logits, const torch::Tensor& targets, const torch::Tensor& grad,
                              const torch::Tensor& loss_rows);
 
+// The MoE slot gathers (model/moe_slots.h): idx_S int64 [T·K] maps slot
+// t·K + j to its row of the expert-sorted rows; w_TK fp32 [T, K] contiguous.
+// out_TD[t] = Σ_j w[t, j] · src_SD[idx[t·K + j]] (w undefined: weights 1).
+void cuda_gather_sum_rows(const torch::Tensor& src_SD, const torch::Tensor& idx_S, const torch::Tensor& w_TK,
+                          int64_t K, const torch::Tensor& out_TD);
+// dy_SD[idx[t·K + j]] = w[t, j] · g_TD[t];  dw_TK[t, j] = g_TD[t] · y_SD[idx[t·K + j]] (fp32).
+void cuda_combine_backward(const torch::Tensor& g_TD, const torch::Tensor& y_SD, const torch::Tensor& idx_S,
+                           const torch::Tensor& w_TK, const torch::Tensor& dy_SD, const torch::Tensor& dw_TK);
+
 // Sinkhorn balancing of C [T, E] (fp32 CUDA, contiguous, 1 ≤ E ≤ 64) in one
 // kernel with its stopping test on the device (no host read): d0 [T], d1 [E]
 // and stats [2] = (iterations, final mean |d1 − d1_prev|), fp32 on the device.

@@ -151,14 +151,14 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   // expert (model/moe_slots.h: gathers forward and backward, no atomics).
   // The slots are gathered in the experts' dtype (bf16 under autocast): the
   // K-fold copy and its backward move half the bytes of fp32.
-  const bool gather = gather_combine_enabled();
+  const SlotOps slot_ops = slot_ops_from_env();  // MOECPT_MOE_COMBINE
   SlotOrder slots;
   torch::Tensor x_SD;
   {
     RECORD_USER_SCOPE("moe.dispatch");
     slots = sort_slots_by_expert(r.topk_ids_TK);
     auto x_in = x_TD.to(experts->compute_dtype(x_TD));
-    x_SD = gather ? dispatch_slots(x_in, slots) : dispatch_slots_index_select(x_in, slots);
+    x_SD = dispatch_slots_with(slot_ops, x_in, slots);
   }
 
   // 3. (expert parallel: on the experts' ranks, model/moe_expert_parallel.h)
@@ -173,7 +173,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   torch::Tensor y_TD;
   {
     RECORD_USER_SCOPE("moe.combine");
-    y_TD = gather ? combine_slots(y_SD, r.gates_TK, slots) : combine_slots_index_add(y_SD, r.gates_TK, slots);
+    y_TD = combine_slots_with(slot_ops, y_SD, r.gates_TK, slots);
   }
 
   // 5.

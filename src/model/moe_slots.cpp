@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "core/error.h"
+#include "model/cuda_kernels.h"
 
 namespace moecpt::model {
 
@@ -64,6 +65,54 @@ class CombineSlots : public torch::autograd::Function<CombineSlots> {
   }
 };
 
+// The same two ops on moecpt's CUDA kernels: dispatch's backward and
+// combine's forward are one gather-and-sum pass each (fp32 sums, one
+// rounding), combine's backward one pass writing dy and the fp32 gate
+// gradients. The gates stay fp32.
+class DispatchSlotsCuda : public torch::autograd::Function<DispatchSlotsCuda> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_TD, const torch::Tensor& token_of_slot_S,
+                               const torch::Tensor& inverse_S, int64_t K) {
+    ctx->save_for_backward({inverse_S});
+    ctx->saved_data["K"] = K;
+    ctx->saved_data["T"] = x_TD.size(0);
+    return x_TD.index_select(0, token_of_slot_S);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto inverse_S = ctx->get_saved_variables()[0];
+    const int64_t K = ctx->saved_data["K"].toInt(), T = ctx->saved_data["T"].toInt();
+    const auto g = grads[0].contiguous();
+    auto dx = torch::empty({T, g.size(1)}, g.options());
+    cuda_gather_sum_rows(g, inverse_S, torch::Tensor(), K, dx);
+    return {dx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+class CombineSlotsCuda : public torch::autograd::Function<CombineSlotsCuda> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& y_SD, const torch::Tensor& gates_TK,
+                               const torch::Tensor& inverse_S) {
+    const int64_t T = gates_TK.size(0), K = gates_TK.size(1);
+    const auto y = y_SD.contiguous();
+    const auto w = gates_TK.to(torch::kFloat32).contiguous();
+    auto out = torch::empty({T, y.size(1)}, y.options());
+    cuda_gather_sum_rows(y, inverse_S, w, K, out);
+    ctx->save_for_backward({y, w, inverse_S});
+    ctx->saved_data["gates_dtype"] = int64_t(gates_TK.scalar_type());
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &y = saved[0], &w = saved[1], &inverse_S = saved[2];
+    const auto gates_dtype = c10::ScalarType(ctx->saved_data["gates_dtype"].toInt());
+    const auto g = grads[0].to(y.scalar_type()).contiguous();
+    auto dy = torch::empty_like(y);
+    auto dw = torch::empty_like(w);
+    cuda_combine_backward(g, y, inverse_S, w, dy, dw);
+    return {dy, dw.to(gates_dtype), torch::Tensor()};
+  }
+};
+
 void check(const torch::Tensor& rows, const SlotOrder& o, const char* what) {
   if (rows.dim() != 2 || !o.order_S.defined() || !o.token_S.defined() || o.top_k < 1 ||
       o.order_S.size(0) % o.top_k != 0)
@@ -114,14 +163,67 @@ torch::Tensor combine_slots_index_add(const torch::Tensor& y_SD, const torch::Te
       .index_add(0, o.token_S, y_SD * gates_S.unsqueeze(1));
 }
 
-bool gather_combine_enabled() {
-  static const bool on = [] {
+torch::Tensor dispatch_slots_cuda(const torch::Tensor& x_TD, const SlotOrder& o) {
+  check(x_TD, o, "dispatch_slots_cuda");
+  if (x_TD.size(0) * o.top_k != o.order_S.size(0))
+    throw Error("dispatch_slots_cuda: " + std::to_string(x_TD.size(0)) + " tokens × K = " + std::to_string(o.top_k) +
+                " is not the " + std::to_string(o.order_S.size(0)) + " slots of the order");
+  if (!use_cuda_kernels(x_TD)) throw Error("dispatch_slots_cuda: needs fp32/bf16 CUDA rows and moecpt's CUDA kernels");
+  return DispatchSlotsCuda::apply(x_TD, o.token_S, o.inverse_S, o.top_k);
+}
+
+torch::Tensor combine_slots_cuda(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
+  check(y_SD, o, "combine_slots_cuda");
+  const int64_t T = gates_TK.size(0), K = o.top_k;
+  if (gates_TK.dim() != 2 || gates_TK.size(1) != K || y_SD.size(0) != T * K || y_SD.size(0) != o.order_S.size(0))
+    throw Error("combine_slots_cuda: gates must be [T, K] for T·K = " + std::to_string(y_SD.size(0)) +
+                " slots of the order");
+  if (!use_cuda_kernels(y_SD)) throw Error("combine_slots_cuda: needs fp32/bf16 CUDA rows and moecpt's CUDA kernels");
+  return CombineSlotsCuda::apply(y_SD, gates_TK, o.inverse_S);
+}
+
+SlotOps slot_ops_from_env() {
+  static const SlotOps ops = [] {
     const char* v = std::getenv("MOECPT_MOE_COMBINE");
-    if (!v || !*v || std::string(v) == "gather") return true;
-    if (std::string(v) == "index_add") return false;
-    throw Error("MOECPT_MOE_COMBINE must be 'gather' or 'index_add', got '" + std::string(v) + "'");
+    const std::string s = v ? v : "";
+    if (s.empty() || s == "gather") return SlotOps::kGather;
+    if (s == "index_add") return SlotOps::kIndexAdd;
+    if (s == "kernel") return SlotOps::kKernel;
+    throw Error("MOECPT_MOE_COMBINE must be 'gather', 'index_add' or 'kernel', got '" + s + "'");
   }();
-  return on;
+  return ops;
+}
+
+SlotOps slot_ops_for(SlotOps ops, const torch::Tensor& rows) {
+  return ops == SlotOps::kKernel && !use_cuda_kernels(rows) ? SlotOps::kGather : ops;
+}
+
+const char* slot_ops_name(SlotOps ops) {
+  switch (ops) {
+    case SlotOps::kGather: return "gather";
+    case SlotOps::kIndexAdd: return "index_add";
+    case SlotOps::kKernel: return "kernel";
+  }
+  return "?";
+}
+
+torch::Tensor dispatch_slots_with(SlotOps ops, const torch::Tensor& x_TD, const SlotOrder& o) {
+  switch (slot_ops_for(ops, x_TD)) {
+    case SlotOps::kIndexAdd: return dispatch_slots_index_select(x_TD, o);
+    case SlotOps::kKernel: return dispatch_slots_cuda(x_TD, o);
+    case SlotOps::kGather: break;
+  }
+  return dispatch_slots(x_TD, o);
+}
+
+torch::Tensor combine_slots_with(SlotOps ops, const torch::Tensor& y_SD, const torch::Tensor& gates_TK,
+                                 const SlotOrder& o) {
+  switch (slot_ops_for(ops, y_SD)) {
+    case SlotOps::kIndexAdd: return combine_slots_index_add(y_SD, gates_TK, o);
+    case SlotOps::kKernel: return combine_slots_cuda(y_SD, gates_TK, o);
+    case SlotOps::kGather: break;
+  }
+  return combine_slots(y_SD, gates_TK, o);
 }
 
 }  // namespace moecpt::model

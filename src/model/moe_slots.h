@@ -16,8 +16,17 @@
 // Here every op is a gather, an elementwise product or a row sum:
 // deterministic, with fp32 accumulation inside the sums. (A first version did
 // the combine as a batched [1, K] × [K, D] matmul per token: cuBLAS ran it far
-// below memory bandwidth on an H100, 18 ms per step slower than index_add.) MOECPT_MOE_COMBINE=index_add
-// keeps the textbook ops (A/B runs; model/moe.cpp).
+// below memory bandwidth on an H100, 18 ms per step slower than index_add.)
+//
+// MOECPT_MOE_COMBINE picks the ops (model/moe.cpp, A/B runs):
+//   gather     the gathers above (the default)
+//   index_add  the textbook ops
+//   kernel     on CUDA in fp32/bf16, moecpt's kernels (model/cuda_kernels.h):
+//              the combine's forward and the dispatch's backward as one
+//              gather-and-sum pass, the combine's backward as one pass that
+//              writes dy and the gate gradients; the gates stay fp32 and each
+//              output is rounded once. Elsewhere the gathers. Opt-in until a
+//              GPU run has checked and timed it.
 #pragma once
 #include "core/pch.h"
 
@@ -44,7 +53,23 @@ torch::Tensor combine_slots(const torch::Tensor& y_SD, const torch::Tensor& gate
 torch::Tensor dispatch_slots_index_select(const torch::Tensor& x_TD, const SlotOrder& o);
 torch::Tensor combine_slots_index_add(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o);
 
-// False when MOECPT_MOE_COMBINE=index_add (read once); other values are an error.
-bool gather_combine_enabled();
+// moecpt's CUDA kernels for the same maths (CUDA fp32/bf16 rows; the gate
+// gradients accumulated in fp32 and the gates not rounded to the rows' dtype).
+torch::Tensor dispatch_slots_cuda(const torch::Tensor& x_TD, const SlotOrder& o);
+torch::Tensor combine_slots_cuda(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o);
+
+enum class SlotOps { kGather, kIndexAdd, kKernel };
+// MOECPT_MOE_COMBINE (read once): unset or "gather", "index_add", "kernel";
+// other values are an error naming the variable.
+SlotOps slot_ops_from_env();
+// The ops that run for rows like `rows` under `ops`: kKernel falls back to
+// kGather where the kernels do not apply (CPU, fp64, a build without them,
+// MOECPT_CUDA_KERNELS=0).
+SlotOps slot_ops_for(SlotOps ops, const torch::Tensor& rows);
+const char* slot_ops_name(SlotOps ops);
+// dispatch_slots / combine_slots by the ops slot_ops_for picks.
+torch::Tensor dispatch_slots_with(SlotOps ops, const torch::Tensor& x_TD, const SlotOrder& o);
+torch::Tensor combine_slots_with(SlotOps ops, const torch::Tensor& y_SD, const torch::Tensor& gates_TK,
+                                 const SlotOrder& o);
 
 }  // namespace moecpt::model

@@ -119,6 +119,62 @@ __global__ void rotate_pairs_kernel(const T* __restrict__ x, int64_t xsb, int64_
   }
 }
 
+template <typename T, int V>
+__global__ void gather_sum_rows_kernel(const T* __restrict__ src, int64_t ld_src, const int64_t* __restrict__ idx,
+                                       const float* __restrict__ w, int64_t T_, int K, int64_t D,
+                                       T* __restrict__ out, int64_t ld_out) {
+  const int64_t per_row = D / V, total = T_ * per_row;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / per_row, j = (i - t * per_row) * V;
+    float acc[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[k] = 0.f;
+    for (int q = 0; q < K; ++q) {
+      const int64_t s = t * K + q;
+      const float wq = w ? w[s] : 1.f;
+      const auto x = load<T, V>(src + idx[s] * ld_src + j);
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc[k] += wq * to_f(x.v[k]);
+    }
+    Pack<T, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) o.v[k] = from_f<T>(acc[k]);
+    store<T, V>(out + t * ld_out + j, o);
+  }
+}
+
+// One warp per slot: lanes stride over the row's V-wide vectors, writing
+// dy = w·g and accumulating g·y, then a shuffle reduction for dw.
+template <typename T, int V>
+__global__ void combine_backward_kernel(const T* __restrict__ g, int64_t ld_g, const T* __restrict__ y, int64_t ld_y,
+                                        const int64_t* __restrict__ idx, const float* __restrict__ w, int64_t S,
+                                        int K, int64_t D, T* __restrict__ dy, int64_t ld_dy, float* __restrict__ dw) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t s = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; s < S; s += warps) {
+    const int64_t t = s / K, r = idx[s];
+    const float ws = w[s];
+    const T* gr = g + t * ld_g;
+    const T* yr = y + r * ld_y;
+    T* dr = dy + r * ld_dy;
+    float dot = 0.f;
+    for (int64_t j = int64_t(lane) * V; j < D; j += 32 * V) {
+      const auto gv = load<T, V>(gr + j), yv = load<T, V>(yr + j);
+      Pack<T, V> o;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float gk = to_f(gv.v[k]);
+        dot += gk * to_f(yv.v[k]);
+        o.v[k] = from_f<T>(ws * gk);
+      }
+      store<T, V>(dr + j, o);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (lane == 0) dw[s] = dot;
+  }
+}
+
 // (m, s) pairs of an online softmax: s = Σ exp(x − m) over the values seen.
 __device__ __forceinline__ void lse_combine(float& m, float& s, float m2, float s2) {
   if (m2 == -INFINITY) return;
@@ -355,6 +411,40 @@ int rotate_pairs_t(const void* x, const int64_t xs[3], void* out, const int64_t 
   return int(cudaGetLastError());
 }
 
+template <typename T>
+int gather_sum_rows_t(const void* src, int64_t ld_src, const int64_t* idx, const float* w, int64_t T_, int64_t K,
+                      int64_t D, void* out, int64_t ld_out, cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  if (T_ * D == 0) return 0;
+  const bool vec = vectorizable<V>({D, ld_src, ld_out}, {src, out});
+  const int64_t total = T_ * (vec ? D / V : D);
+  const auto g = blocks_for(total);
+  const auto* sp = static_cast<const T*>(src);
+  auto* op = static_cast<T*>(out);
+  if (vec) gather_sum_rows_kernel<T, V><<<g, kThreads, 0, st>>>(sp, ld_src, idx, w, T_, int(K), D, op, ld_out);
+  else gather_sum_rows_kernel<T, 1><<<g, kThreads, 0, st>>>(sp, ld_src, idx, w, T_, int(K), D, op, ld_out);
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int combine_backward_t(const void* g, int64_t ld_g, const void* y, int64_t ld_y, const int64_t* idx, const float* w,
+                       int64_t T_, int64_t K, int64_t D, void* dy, int64_t ld_dy, float* dw, cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t S = T_ * K;
+  if (S == 0) return 0;
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  const auto blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>((S + kWarpsPerBlock - 1) / kWarpsPerBlock,
+                                                                       int64_t(1) << 16)));
+  const bool vec = vectorizable<V>({D, ld_g, ld_y, ld_dy}, {g, y, dy});
+  const auto *gp = static_cast<const T*>(g), *yp = static_cast<const T*>(y);
+  auto* dp = static_cast<T*>(dy);
+  if (vec)
+    combine_backward_kernel<T, V><<<blocks, kThreads, 0, st>>>(gp, ld_g, yp, ld_y, idx, w, S, int(K), D, dp, ld_dy, dw);
+  else
+    combine_backward_kernel<T, 1><<<blocks, kThreads, 0, st>>>(gp, ld_g, yp, ld_y, idx, w, S, int(K), D, dp, ld_dy, dw);
+  return int(cudaGetLastError());
+}
+
 }  // namespace
 
 int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,
@@ -407,6 +497,22 @@ int rotate_pairs(DType dt, const void* x, const int64_t x_strides[3], void* out,
   return dt == DType::kBFloat16
              ? rotate_pairs_t<__nv_bfloat16>(x, x_strides, out, out_strides, c, s, B, T, Hd, n, sign, st)
              : rotate_pairs_t<float>(x, x_strides, out, out_strides, c, s, B, T, Hd, n, sign, st);
+}
+
+int gather_sum_rows(DType dt, const void* src, int64_t ld_src, const int64_t* idx, const float* w, int64_t T,
+                    int64_t K, int64_t D, void* out, int64_t ld_out, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  return dt == DType::kBFloat16 ? gather_sum_rows_t<__nv_bfloat16>(src, ld_src, idx, w, T, K, D, out, ld_out, st)
+                                : gather_sum_rows_t<float>(src, ld_src, idx, w, T, K, D, out, ld_out, st);
+}
+
+int combine_backward(DType dt, const void* g, int64_t ld_g, const void* y, int64_t ld_y, const int64_t* idx,
+                     const float* w, int64_t T, int64_t K, int64_t D, void* dy, int64_t ld_dy, float* dw,
+                     void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  return dt == DType::kBFloat16
+             ? combine_backward_t<__nv_bfloat16>(g, ld_g, y, ld_y, idx, w, T, K, D, dy, ld_dy, dw, st)
+             : combine_backward_t<float>(g, ld_g, y, ld_y, idx, w, T, K, D, dy, ld_dy, dw, st);
 }
 
 }  // namespace moecpt::cuda

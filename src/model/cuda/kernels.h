@@ -39,6 +39,24 @@ int rotate_pairs(DType dt, const void* x, const int64_t x_strides[3], void* out,
 int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,
                        void* grad_bf16, int64_t ld_grad, float* loss, void* stream);
 
+// The MoE layer's slot gathers (model/moe_slots.h). Slot s = t·K + j is token
+// t's j-th choice and lives at row idx[s] of the expert-sorted [S, D] rows
+// (S = T·K; idx int64, w fp32 [T, K] contiguous). Rows contiguous in D with
+// row strides ld_* (elements); fp32 accumulation, one rounding.
+//
+// out[t, :] = Σ_j w[t, j] · src[idx[t·K + j], :]   (w null: weights 1)
+// The combine's forward (w = the gates) and the dispatch's backward (w null).
+int gather_sum_rows(DType dt, const void* src, int64_t ld_src, const int64_t* idx, const float* w, int64_t T,
+                    int64_t K, int64_t D, void* out, int64_t ld_out, void* stream);
+
+// The combine's backward from g [T, D] (the gradient of out) and the slot
+// outputs y [S, D]: for every slot s = t·K + j with row r = idx[s]
+//   dy[r, :] = w[t, j] · g[t, :],   dw[t, j] = Σ_d g[t, d] · y[r, d]  (fp32)
+// One warp per slot; every row of dy written once (idx is a permutation).
+int combine_backward(DType dt, const void* g, int64_t ld_g, const void* y, int64_t ld_y, const int64_t* idx,
+                     const float* w, int64_t T, int64_t K, int64_t D, void* dy, int64_t ld_dy, float* dw,
+                     void* stream);
+
 // Sinkhorn balancing of C [T, E] (fp32, contiguous, E ≤ 64) in one kernel (one
 // block): from d1 = 1, repeat
 //   d0 = (1/T) / (C d1 + eps);  d1' = (1/E) / (Cᵀ d0 + eps);  err = mean |d1' − d1|;  d1 = d1'
