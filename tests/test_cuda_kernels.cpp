@@ -82,6 +82,31 @@ TEST(GatedActivation, RefusesAnOddWidth) {
                           "gated_activation: need [rows, 2H]");
 }
 
+// concat_last_as (the grouped experts' w1 | w3 under autocast) equals cat of
+// the casts, forward and backward, in fp64 and into bf16; FD in fp64.
+TEST(GatedActivation, ConcatLastAsEqualsCatOfTheCasts) {
+  torch::manual_seed(5);
+  for (auto dt : {torch::kFloat64, torch::kBFloat16}) {
+    auto a = torch::randn({3, 4, 5}, torch::kFloat64).requires_grad_(true);
+    auto b = torch::randn({3, 4, 2}, torch::kFloat64).requires_grad_(true);
+    auto y = concat_last_as(a, b, dt);
+    auto ref = torch::cat({a.to(dt), b.to(dt)}, 2);
+    EXPECT_EQ(y.scalar_type(), dt);
+    EXPECT_TRUE(torch::equal(y, ref));
+    auto w = torch::randn({3, 4, 7}, torch::kFloat64).to(dt);
+    auto g = torch::autograd::grad({(y * w).sum()}, {a, b});
+    auto g_ref = torch::autograd::grad({(ref * w).sum()}, {a, b});
+    EXPECT_TRUE(torch::equal(g[0], g_ref[0]) && torch::equal(g[1], g_ref[1]));
+    EXPECT_EQ(g[0].scalar_type(), torch::kFloat64);
+  }
+  auto a = torch::randn({2, 3}, torch::kFloat64).requires_grad_(true);
+  auto b = torch::randn({2, 2}, torch::kFloat64);
+  auto w = torch::randn({2, 5}, torch::kFloat64);
+  expect_grad_matches_fd([&] { return (concat_last_as(a, b, torch::kFloat64) * w).sum(); }, a, {0, 3, 5}, "a");
+  expect_error_containing([] { concat_last_as(torch::zeros({2, 3}), torch::zeros({3, 3}), torch::kFloat32); },
+                          "must agree in every dim but the last");
+}
+
 TEST(CudaKernels, AreNotUsedForCpuTensorsAndCheckTheirInputs) {
   auto h13 = torch::randn({3, 8});
   EXPECT_FALSE(use_cuda_kernels(h13));

@@ -26,6 +26,20 @@ TEST(MoESlots, StableSortByExpertAndItsInverse) {
   EXPECT_TRUE(torch::equal(o.inverse_S, torch::tensor({3, 0, 1, 2, 4, 5}, torch::kInt64)));
 }
 
+// Narrow sort keys (uint8, int16, int32 by the expert count) give the int64
+// sort's order: the same stable permutation, ties in slot order.
+TEST(MoESlots, NarrowSortKeysGiveTheSameOrder) {
+  torch::manual_seed(19);
+  for (int64_t E : {31, 256, 300, 40000}) {
+    auto ids = torch::randint(E, {999, 3}, torch::kInt64);
+    ids[5][1] = E - 1;  // the largest id is representable
+    const auto wide = sort_slots_by_expert(ids), narrow = sort_slots_by_expert(ids, E);
+    EXPECT_TRUE(torch::equal(wide.order_S, narrow.order_S)) << E;
+    EXPECT_TRUE(torch::equal(wide.inverse_S, narrow.inverse_S)) << E;
+    EXPECT_EQ(narrow.order_S.scalar_type(), torch::kInt64);
+  }
+}
+
 TEST(MoESlots, DispatchAndCombineEqualLoopsOverTokens) {
   for (int64_t K : {1, 3}) {
     torch::manual_seed(20 + K);

@@ -212,11 +212,42 @@ class ExpertFFNLoop : public torch::autograd::Function<ExpertFFNLoop> {
   }
 };
 
+// [a | b] cast to one dtype in one buffer (concat_last_as).
+class ConcatLastAs : public torch::autograd::Function<ConcatLastAs> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& a, const torch::Tensor& b,
+                               int64_t dtype_code) {
+    const int64_t Ha = a.size(-1), Hb = b.size(-1);
+    auto sizes = a.sizes().vec();
+    sizes.back() = Ha + Hb;
+    auto out = torch::empty(sizes, a.options().dtype(c10::ScalarType(dtype_code)));
+    out.narrow(-1, 0, Ha).copy_(a);
+    out.narrow(-1, Ha, Hb).copy_(b);
+    ctx->saved_data["Ha"] = Ha;
+    ctx->saved_data["a_dtype"] = int64_t(a.scalar_type());
+    ctx->saved_data["b_dtype"] = int64_t(b.scalar_type());
+    return out;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto& g = grads[0];
+    const int64_t Ha = ctx->saved_data["Ha"].toInt(), Hb = g.size(-1) - Ha;
+    return {g.narrow(-1, 0, Ha).to(c10::ScalarType(ctx->saved_data["a_dtype"].toInt())),
+            g.narrow(-1, Ha, Hb).to(c10::ScalarType(ctx->saved_data["b_dtype"].toInt())), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
 torch::Tensor expert_ffn_loop(const torch::Tensor& x_SD, const torch::Tensor& w1_EDH, const torch::Tensor& w3_EDH,
                               const torch::Tensor& w2_EHD, const torch::Tensor& counts_E, GatedActivation act) {
   return ExpertFFNLoop::apply(x_SD, w1_EDH, w3_EDH, w2_EHD, counts_E, int64_t(act));
+}
+
+torch::Tensor concat_last_as(const torch::Tensor& a, const torch::Tensor& b, torch::ScalarType dtype) {
+  if (a.dim() < 1 || a.dim() != b.dim() || a.sizes().slice(0, a.dim() - 1) != b.sizes().slice(0, b.dim() - 1) ||
+      a.device() != b.device())
+    throw Error("concat_last_as: the inputs must agree in every dim but the last and share a device");
+  return ConcatLastAs::apply(a, b, int64_t(dtype));
 }
 
 torch::Tensor gated_activation(const torch::Tensor& h13_S2H, GatedActivation act) {

@@ -34,6 +34,12 @@ torch::Tensor expert_ffn_loop(const torch::Tensor& x_SD, const torch::Tensor& w1
 // kernel each way, model/cuda_kernels.h).
 torch::Tensor gated_activation(const torch::Tensor& h13_S2H, GatedActivation act);
 
+// [a | b] along the last dim, cast to `dtype`, as one node: each input is cast
+// straight into its half of the output (no separate cat pass) and backward
+// casts each half of the gradient back to its input's dtype. The grouped
+// experts' w1 | w3 weight under autocast.
+torch::Tensor concat_last_as(const torch::Tensor& a, const torch::Tensor& b, torch::ScalarType dtype);
+
 // The dense gated MLP (dense FFN, shared experts) through the same Function as
 // one group of all rows (split over threads by rows on the CPU), weights in
 // torch::nn::Linear's [out, in] layout: w1, w3 [H, D], w2 [D, H]. x: [..., D].

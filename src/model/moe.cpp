@@ -97,7 +97,7 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
     // w1 and w3 as one [E, D, 2H] weight: one wider grouped GEMM forward, and
     // backward one for dx (no sum of two); the gated activation is one node
     // (model/expert_ffn.h: on CUDA one kernel each way).
-    auto w13 = torch::cat({w1_EDH.to(dt), w3_EDH.to(dt)}, 2);
+    auto w13 = concat_last_as(w1_EDH, w3_EDH, dt);  // cast into one buffer: no cat pass
     auto h13 = at::_grouped_mm(x, w13, offs_E);
     ++g_grouped_calls;
     return at::_grouped_mm(gated_activation(h13, act_kind_), w2_EHD.to(dt), offs_E);
@@ -156,7 +156,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x_BTD) {
   torch::Tensor x_SD;
   {
     RECORD_USER_SCOPE("moe.dispatch");
-    slots = sort_slots_by_expert(r.topk_ids_TK);
+    slots = sort_slots_by_expert(r.topk_ids_TK, router->n_experts());
     auto x_in = x_TD.to(experts->compute_dtype(x_TD));
     x_SD = dispatch_slots_with(slot_ops, x_in, slots);
   }

@@ -121,12 +121,17 @@ void check(const torch::Tensor& rows, const SlotOrder& o, const char* what) {
 
 }  // namespace
 
-SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK) {
+SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK, int64_t n_experts) {
   if (topk_ids_TK.dim() != 2) throw Error("sort_slots_by_expert: expert ids must be [T, K]");
   SlotOrder o;
   o.top_k = topk_ids_TK.size(1);
   auto ids_S = topk_ids_TK.reshape({-1});
-  o.order_S = std::get<1>(ids_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
+  auto keys_S = n_experts <= 0           ? ids_S
+                : n_experts <= 256       ? ids_S.to(torch::kUInt8)
+                : n_experts <= 32768     ? ids_S.to(torch::kInt16)
+                : n_experts <= (1LL << 31) ? ids_S.to(torch::kInt32)
+                                         : ids_S;
+  o.order_S = std::get<1>(keys_S.sort(c10::optional<bool>(/*stable=*/true), /*dim=*/0));
   o.inverse_S = torch::empty_like(o.order_S).scatter_(0, o.order_S, torch::arange(ids_S.size(0), o.order_S.options()));
   o.token_S = o.order_S.div(o.top_k, "floor");
   return o;

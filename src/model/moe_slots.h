@@ -39,7 +39,11 @@ struct SlotOrder {
 };
 
 // topk_ids_TK: int64 [T, K] expert ids. A stable sort of the flattened ids.
-SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK);
+// With n_experts > 0 (the ids lie in [0, n_experts)) the keys are sorted as the
+// narrowest integer type that holds them (uint8 up to 256 experts): a radix
+// sort's passes scale with the key's bits (ATen's CUDA sort does all of them),
+// and the order is the same. n_experts = 0 sorts the int64 ids as they are.
+SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK, int64_t n_experts = 0);
 
 // x_TD [T, D] → x_SD [T·K, D] in expert order. Differentiable in x.
 torch::Tensor dispatch_slots(const torch::Tensor& x_TD, const SlotOrder& o);
