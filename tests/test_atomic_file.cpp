@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -184,3 +185,26 @@ TEST_F(AtomicFileTest, CommitDirectoryMissingTempKeepsFinal) {
   EXPECT_EQ(read_text(p("ckpt/a")), "keep");
   EXPECT_EQ(entries(), std::vector<std::string>{"ckpt"});
 }
+
+// A writer killed mid-write leaves "<name>.tmp.<pid>"; the next run removes it
+// when that pid is no running process, and keeps everything else.
+TEST_F(AtomicFileTest, StaleTempFilesOfDeadProcessesAreRemoved) {
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ASSERT_GT(child, 0);
+  ::waitpid(child, nullptr, 0);  // reaped: its pid names no process now
+  const std::string dead = std::to_string(child), self = std::to_string(::getpid());
+  for (const std::string& name : std::vector<std::string>{"metrics.jsonl.tmp." + dead, "report.html.tmp." + self,
+                                                          "summary.json.tmp.1", "notes.tmp.abc", "keep.txt",
+                                                          ".tmp." + dead})
+    std::ofstream(p(name)) << "x";
+  fs::create_directories(dir_ / ("ckpt.tmp." + dead));  // directories are not this function's
+  EXPECT_EQ(moecpt::remove_stale_temp_files(dir_.string()), 1);
+  EXPECT_FALSE(fs::exists(p("metrics.jsonl.tmp." + dead)));
+  for (const std::string& name : std::vector<std::string>{"report.html.tmp." + self, "summary.json.tmp.1",
+                                                          "notes.tmp.abc", "keep.txt", ".tmp." + dead,
+                                                          "ckpt.tmp." + dead})
+    EXPECT_TRUE(fs::exists(p(name))) << name;
+  EXPECT_EQ(moecpt::remove_stale_temp_files((dir_ / "missing").string()), 0);
+}
+

@@ -24,6 +24,12 @@ void write_file_atomic(const std::string& path,
 // "<path>: is a directory", "<path>: cannot read: <strerror>", ...
 std::string read_file(const std::string& path);
 
+// Remove the `<name>.tmp.<pid>` files in `dir` (not recursive) that a writer
+// killed mid-write left behind: those whose pid is no running process. Files
+// of running processes (this one included) are kept. Best effort; returns how
+// many were removed.
+int remove_stale_temp_files(const std::string& dir);
+
 // Move a fully written temp directory into place as `final_dir`. If
 // `final_dir` exists, both are swapped atomically (renameat2 RENAME_EXCHANGE)
 // and the old copy is deleted. Where the filesystem cannot swap, it is first

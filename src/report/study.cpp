@@ -458,6 +458,11 @@ bool run_study(const StudyPlan& plan, const StudyOptions& opts) {
   const auto t0 = std::chrono::steady_clock::now();
   const fs::path out(plan.out_dir);
   fs::create_directories(out / "arms");
+  // what a killed earlier session left half-written (the arms' run directories
+  // are cleaned by their trainers)
+  int stale = remove_stale_temp_files(out.string());
+  if (fs::exists(out / "results")) stale += remove_stale_temp_files((out / "results").string());
+  if (stale > 0) log::info(out.string() + ": removed " + std::to_string(stale) + " temporary file(s) of a killed earlier session");
 
   // One directory holds one kind of study: a --quick study and a default one
   // have different step counts, so their arms must not mix.

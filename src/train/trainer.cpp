@@ -206,6 +206,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   const fs::path out(cfg.run.out_dir);
   if (root) {
     create_directories_or_throw((out / "checkpoints").string());
+    if (const int n = remove_stale_temp_files(out.string()))
+      log::info(out.string() + ": removed " + std::to_string(n) + " temporary file(s) of a killed earlier run");
     write_effective_config(cfg, (out / "config.toml").string());
   }
 
