@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "analysis/model_runner.h"
 #include "analysis/tasks.h"
 #include "core/config.h"
 #include "core/error.h"
@@ -166,6 +167,13 @@ validation = ["facts"]
     const auto& d = r["items_detail"][i];
     EXPECT_EQ(d["bytes"][d["label"].get<size_t>()].get<int64_t>(), int64_t(kFacts[i].second.size()));
     for (double ll : d["loglik"]) EXPECT_LT(ll, 0.0);
+  }
+  // The same on a model loaded once (the study scores all its task files on one load).
+  auto m = analysis::load_model(o.checkpoint);
+  for (int rep = 0; rep < 2; ++rep) {
+    auto again = analysis::eval_report(m, o);
+    EXPECT_EQ(again["items_detail"], r["items_detail"]) << "scoring " << rep + 1;
+    EXPECT_EQ(again["checkpoint"], r["checkpoint"]);
   }
   // The same through the CLI.
   auto res = testing::run_moecpt("eval --checkpoint " + o.checkpoint + " --task " + o.task + " --json");

@@ -111,8 +111,13 @@ Scored encode_choice(const Tokenizer& tok, const std::vector<int>& ctx, const st
 }  // namespace
 
 json eval_report(const EvalOptions& opt) {
-  auto items = read_task_file(opt.task);
+  read_task_file(opt.task);  // a bad task file is reported before the checkpoint is loaded
   LoadedModel m = load_model(opt.checkpoint, opt.device);
+  return eval_report(m, opt);
+}
+
+json eval_report(LoadedModel& m, const EvalOptions& opt) {
+  auto items = read_task_file(opt.task);
   const std::string tpath = opt.tokenizer.empty() ? m.cfg.data.tokenizer : opt.tokenizer;
   Tokenizer tok(tpath);
   if (tok.vocab_size() > m.cfg.model.vocab_size)
@@ -179,7 +184,7 @@ json eval_report(const EvalOptions& opt) {
   }
   const double n = double(items.size());
   json r = {{"kind", "eval"},
-            {"checkpoint", opt.checkpoint},
+            {"checkpoint", m.dir},
             {"task", opt.task},
             {"items", int64_t(items.size())},
             {"acc", double(correct) / n},

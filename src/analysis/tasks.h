@@ -11,6 +11,8 @@
 
 namespace moecpt::analysis {
 
+struct LoadedModel;  // analysis/model_runner.h
+
 struct TaskItem {
   std::string id;
   std::string context;
@@ -35,6 +37,9 @@ struct EvalOptions {
   bool details = false;     // include per-item predictions in the report
 };
 nlohmann::json eval_report(const EvalOptions& opt);
+// The same on a model already loaded (opt.checkpoint and opt.device are not
+// read): several task files scored on one load of the checkpoint.
+nlohmann::json eval_report(LoadedModel& m, const EvalOptions& opt);
 std::string eval_text(const nlohmann::json& report);
 
 // Task generation from the held-out (validation-split) documents of each

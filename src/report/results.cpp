@@ -5,12 +5,14 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <thread>
 #include <unistd.h>
 
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "analysis/model_runner.h"
 #include "analysis/reports.h"
 #include "analysis/tasks.h"
 
@@ -265,6 +267,7 @@ void run_analyses(const StudyPlan& plan, const std::string& results_dir, json& p
       json& tc = cache["tasks"];
       if (!tc.is_object()) tc = json::object();
       json per = json::object();
+      std::optional<analysis::LoadedModel> model;  // loaded once, for the first task not in the cache
       for (size_t i = 0; i < task_files.size(); ++i) {
         if (stop && stop()) break;
         const std::string name = task_name(plan.tasks[i]);
@@ -275,7 +278,8 @@ void run_analyses(const StudyPlan& plan, const std::string& results_dir, json& p
           eo.checkpoint = final_dir;
           eo.task = task_files[i];
           eo.batch_size = 32;
-          json rep = analysis::eval_report(eo);
+          if (!model) model.emplace(analysis::load_model(final_dir, eo.device));
+          json rep = analysis::eval_report(*model, eo);
           const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
           task_secs += secs;
           ++n_task;
