@@ -172,6 +172,30 @@ PY
 bench() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" "$BIN" "$@" --json; }
 eager() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" python3 bench/pytorch_eager.py "$@"; }
 
+# The A/B arms side by side: per tag without its "-<round>" suffix, the median
+# step over the rounds, and its difference to the baseline arm (the first tag).
+print_ab() {
+python3 - "$OUT/results.jsonl" "$@" <<'PY'
+import json, re, statistics, sys
+arms = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    res = r.get("result", {})
+    if "step_ms" not in res or "profile" in res: continue
+    m = re.fullmatch(r"(.*)-(\d+)", r["tag"])
+    if m: arms.setdefault(m.group(1), []).append(res)
+base = sys.argv[2] if len(sys.argv) > 2 else None
+if base not in arms: sys.exit(0)
+b = statistics.median(x["step_ms"]["median"] for x in arms[base])
+print(f"  A/B, median over rounds (vs {base}):")
+for tag, xs in arms.items():
+    ms = statistics.median(x["step_ms"]["median"] for x in xs)
+    mfu = statistics.median(x["mfu"] for x in xs)
+    rel = "" if tag == base or not tag.startswith(base.split("-")[0]) else f"  {ms - b:+.1f} ms ({ms / b:.3f}x)"
+    print(f"    {tag:36s} {len(xs)} run(s) {ms:8.1f} ms  MFU {100 * mfu:5.1f}%{rel}")
+PY
+}
+
 print_profiles() {
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, os, sys
@@ -216,6 +240,7 @@ if [ "${AB:-0}" = 1 ]; then
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-profile 60 bench train --config $G \
     --device cuda --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
     --profile 60 --profile-shapes
+  print_ab granular-sinkhorn
   print_profiles
 else
 log "3. training steps, paper recipes, bf16"
