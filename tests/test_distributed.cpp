@@ -28,6 +28,7 @@
 #include "model/moe_expert_parallel.h"
 #include "model/router_topk.h"
 #include "train/distributed.h"
+#include "train/optimizer.h"
 #include "test_shards.h"
 #include "test_util.h"
 
@@ -401,26 +402,28 @@ TEST(Distributed, SignalToLauncherStopsAllRanksAtOneStep) {
 
 // --- expert parallel -------------------------------------------------------------
 
-// Two ranks as two threads of this process, each with its own Gloo group on
-// 127.0.0.1 (the same code path as two processes, without the processes).
-void run_two_ranks(int port, const std::function<void(const std::shared_ptr<dist::Group>&)>& body) {
-  std::string errors[2];
+// n ranks as n threads of this process, each with its own Gloo group on
+// 127.0.0.1 (the same code path as n processes, without the processes).
+void run_ranks(int n, int port, const std::function<void(const std::shared_ptr<dist::Group>&)>& body) {
+  std::vector<std::string> errors(static_cast<size_t>(n));
   std::vector<std::thread> ts;
-  for (int r = 0; r < 2; ++r)
+  for (int r = 0; r < n; ++r)
     ts.emplace_back([&, r] {
       try {
         dist::Env env;
         env.rank = r;
-        env.world_size = 2;
+        env.world_size = n;
         env.master_port = port;
         body(dist::Group::create(env, torch::kCPU));
       } catch (const std::exception& e) {
-        errors[r] = e.what();
+        errors[size_t(r)] = e.what();
       }
     });
   for (auto& t : ts) t.join();
-  ASSERT_EQ(errors[0], "");
-  ASSERT_EQ(errors[1], "");
+  for (int r = 0; r < n; ++r) ASSERT_EQ(errors[size_t(r)], "") << "rank " << r;
+}
+void run_two_ranks(int port, const std::function<void(const std::shared_ptr<dist::Group>&)>& body) {
+  run_ranks(2, port, body);
 }
 
 int test_port(int salt) { return 20000 + int((::getpid() * 31 + salt * 7919) % 20000); }
@@ -540,6 +543,65 @@ TEST(ExpertParallel, ShardedGranularTopKLayerWithSharedExpertEqualsTheLocalLayer
 }
 TEST(ExpertParallel, RankThatReceivesNoTokensStillTakesPartInBackward) {
   expert_parallel_layer_matches_local(4, 2, 1, true, 4);
+}
+
+// A checkpoint under expert parallelism: unshard_to_rank0 gathers the full
+// expert weights and their AdamW state on rank 0 only; every other rank (in
+// rank 0's EP group or another) keeps its shard, and shard() afterwards gives
+// rank 0 its own block back. 4 ranks, EP groups {0, 1} and {2, 3}.
+TEST(ExpertParallel, CheckpointGatherReachesRankZeroOnly) {
+  ModelConfig mc;
+  mc.d_model = 4;
+  mc.n_experts = 4;
+  mc.top_k = 1;
+  mc.expert_hidden = 3;
+  RouterConfig rc;
+  const int W = 4;
+  std::vector<std::map<std::string, torch::Tensor>> shard_w(W), shard_m(W), after_w(W), after_m(W), back_w(W),
+      back_m(W);
+  std::mutex mu;
+  run_ranks(W, test_port(6), [&](const std::shared_ptr<dist::Group>& g) {
+    const int r = g->rank();
+    torch::manual_seed(11);
+    auto moe = model::MoE(mc, rc, 0.2);
+    torch::nn::Module holder;
+    holder.register_module("moe", moe);
+    model::ExpertSharding ep(holder, g, 2);
+    torch::optim::AdamW opt(holder.parameters(), torch::optim::AdamWOptions(1e-2));
+    ep.shard(&opt);
+    for (auto& p : holder.parameters()) p.mutable_grad() = torch::full_like(p, double(r + 1)) + torch::randn_like(p);
+    opt.step();  // AdamW state of each rank's shard
+    auto snapshot = [&](std::map<std::string, torch::Tensor>& w, std::map<std::string, torch::Tensor>& m) {
+      for (const auto& p : moe->experts->named_parameters()) {
+        w[p.key()] = p.value().detach().clone();
+        auto* st = dynamic_cast<torch::optim::AdamWParamState*>(find_param_state(opt, p.value()));
+        ASSERT_NE(st, nullptr) << p.key();
+        m[p.key()] = st->exp_avg().clone();
+      }
+    };
+    std::map<std::string, torch::Tensor> w0, m0, w1, m1, w2, m2;
+    snapshot(w0, m0);
+    ep.unshard_to_rank0(&opt);
+    snapshot(w1, m1);
+    ep.shard(&opt);
+    snapshot(w2, m2);
+    std::lock_guard<std::mutex> lock(mu);
+    shard_w[r] = w0, shard_m[r] = m0, after_w[r] = w1, after_m[r] = m1, back_w[r] = w2, back_m[r] = m2;
+  });
+  for (const auto& [name, w] : shard_w[0]) {
+    SCOPED_TRACE(name);
+    EXPECT_EQ(w.size(0), 2);  // 2 of 4 experts per rank
+    EXPECT_TRUE(torch::equal(after_w[0][name], torch::cat({shard_w[0][name], shard_w[1][name]})));
+    EXPECT_TRUE(torch::equal(after_m[0][name], torch::cat({shard_m[0][name], shard_m[1][name]})));
+    for (int r = 1; r < W; ++r) {
+      EXPECT_TRUE(torch::equal(after_w[r][name], shard_w[r][name])) << "rank " << r;
+      EXPECT_TRUE(torch::equal(after_m[r][name], shard_m[r][name])) << "rank " << r;
+    }
+    for (int r = 0; r < W; ++r) {
+      EXPECT_TRUE(torch::equal(back_w[r][name], shard_w[r][name])) << "rank " << r;
+      EXPECT_TRUE(torch::equal(back_m[r][name], shard_m[r][name])) << "rank " << r;
+    }
+  }
 }
 
 // End to end: `moecpt launch --nproc 2` with parallel.expert_parallel = 2

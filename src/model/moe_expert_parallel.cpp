@@ -200,6 +200,33 @@ void ExpertSharding::unshard(torch::optim::Optimizer* optimizer) {
   sharded_ = false;
 }
 
+void ExpertSharding::unshard_to_rank0(torch::optim::Optimizer* optimizer) {
+  if (!sharded_) return;
+  for (auto& p : expert_params_) p.mutable_grad() = torch::Tensor();  // as unshard + shard: on every rank
+  if (world_->rank() / ep_size_ != 0) return;  // not in rank 0's EP group: keep the shards
+  torch::NoGradGuard no_grad;
+  const bool root = ep_->rank() == 0;  // world rank 0 is the EP group's rank 0
+  auto gather = [&](const torch::Tensor& t) {
+    auto parts = ep_->gather(t, 0, "expert weight gather for a checkpoint");
+    return root ? torch::cat(parts, 0) : torch::Tensor();
+  };
+  for (auto& p : expert_params_) {
+    if (auto* s = adamw_state(optimizer, p)) {
+      auto m = gather(s->exp_avg()), v = gather(s->exp_avg_sq());
+      torch::Tensor vmax;
+      if (s->max_exp_avg_sq().defined()) vmax = gather(s->max_exp_avg_sq());
+      if (root) {
+        s->exp_avg(m);
+        s->exp_avg_sq(v);
+        if (vmax.defined()) s->max_exp_avg_sq(vmax);
+      }
+    }
+    auto full = gather(p.detach());
+    if (root) p.set_data(full);
+  }
+  if (root) sharded_ = false;
+}
+
 std::vector<torch::Tensor> ExpertSharding::replicated_params() const {
   std::set<const void*> experts;
   for (const auto& p : expert_params_) experts.insert(p.unsafeGetTensorImpl());

@@ -74,6 +74,11 @@ class ExpertSharding {
   void shard(torch::optim::Optimizer* optimizer);
   // Local → full (all-gather over the EP group; a collective), same state.
   void unshard(torch::optim::Optimizer* optimizer);
+  // Local → full on world rank 0 only (to write a checkpoint): a gather over
+  // the EP group that holds rank 0; the other ranks keep their shards and do
+  // not take part, so no rank but 0 ever holds all experts. Call on every
+  // rank; shard() afterwards re-cuts rank 0's and leaves the others alone.
+  void unshard_to_rank0(torch::optim::Optimizer* optimizer);
 
   // Parameters replicated on every rank (for the data-parallel reducer and the
   // replica consistency check), and the sharded expert weights.

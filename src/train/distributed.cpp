@@ -250,6 +250,29 @@ std::vector<torch::Tensor> Group::allgather(const torch::Tensor& t, const char* 
   return out[0];
 }
 
+std::vector<torch::Tensor> Group::gather(const torch::Tensor& t, int root, const char* what) {
+  if (root < 0 || root >= size())
+    throw Error(std::string(what) + ": gather root " + std::to_string(root) + " is not a rank of a group of " +
+                std::to_string(size()));
+  std::vector<torch::Tensor> in{t.detach().contiguous()};
+  std::vector<std::vector<torch::Tensor>> out;  // empty on the other ranks (c10d's rule)
+  if (rank() == root) {
+    out.emplace_back();
+    for (int i = 0; i < size(); ++i) out[0].push_back(torch::empty_like(in[0]));
+  }
+  c10d::GatherOptions opts;
+  opts.rootRank = root;
+  c10::intrusive_ptr<c10d::Work> w;
+  try {
+    w = pg_->gather(out, in, opts);
+  } catch (const std::exception& e) {
+    failed_ = true;
+    throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
+  }
+  wait(w, what);
+  return rank() == root ? out[0] : std::vector<torch::Tensor>{};
+}
+
 namespace {
 // All parameters then all buffers, in registration order.
 std::vector<torch::Tensor> module_state(torch::nn::Module& m) {

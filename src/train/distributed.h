@@ -74,6 +74,9 @@ class Group {
                 std::vector<int64_t> in_splits, const char* what);
   // Blocking all-gather of equal-shaped tensors: element i is rank i's `t`.
   std::vector<torch::Tensor> allgather(const torch::Tensor& t, const char* what);
+  // Blocking gather to `root` (a rank of this group): there element i is rank
+  // i's `t`; elsewhere the result is empty.
+  std::vector<torch::Tensor> gather(const torch::Tensor& t, int root, const char* what);
 
   // Asynchronous all-reduce (sum) of one flat tensor; wait with wait().
   c10::intrusive_ptr<c10d::Work> allreduce_async(torch::Tensor& t);

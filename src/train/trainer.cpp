@@ -385,7 +385,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   // Rank 0 writes; expert parallel: the experts are gathered first (all ranks),
   // so a checkpoint holds the full model whatever the layout.
   auto save = [&](const std::string& dir, torch::optim::Optimizer* opt, int64_t step) {
-    if (ep) ep->unshard(opt);
+    if (ep) ep->unshard_to_rank0(opt);  // only rank 0 writes, so only it holds all experts
     if (root) save_checkpoint(dir, *m, opt, trainer_state(step), cfg);
     if (ep) ep->shard(opt);
   };
