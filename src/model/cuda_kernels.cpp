@@ -220,7 +220,9 @@ CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t 
   CudaSinkhornResult r{torch::empty({T}, C_TE.options()), torch::empty({E}, C_TE.options()),
                        torch::empty({2}, C_TE.options())};
 #ifdef MOECPT_CUDA_KERNELS
-  check_launch(cuda::sinkhorn(C_TE.data_ptr<float>(), T, E, float(tol), max_iters, float(eps),
+  // the kernel reads C transposed ([E, T]: coalesced); one transpose pass of T·E floats
+  const auto Ct = C_TE.t().contiguous();
+  check_launch(cuda::sinkhorn(Ct.data_ptr<float>(), T, E, float(tol), max_iters, float(eps),
                               r.d0_T.data_ptr<float>(), r.d1_E.data_ptr<float>(), r.stats_2.data_ptr<float>(),
                               current_stream(C_TE)),
                "sinkhorn");

@@ -260,15 +260,22 @@ __global__ void __launch_bounds__(THREADS)
 
 // One block of kSinkhornThreads threads does every iteration: each thread
 // takes rows t ≡ tid, computes d0[t] and accumulates its share of Cᵀ d0 in
-// registers (E ≤ EMAX), warps and then the block reduce it. C (2 MB at
-// T = 16384, E = 31) is read from L2 twice per iteration.
-constexpr int kSinkhornThreads = 512;
+// registers (E ≤ EMAX), warps and then the block reduce it. C comes
+// transposed, Ct [E, T]: a warp's loads of one expert's column are 32
+// consecutive floats (coalesced; a row-major [T, E] row of 31 floats per
+// thread would touch 32 cache lines per load instruction). Each row's E values
+// are loaded once per iteration into registers and used for both products.
+// Ct (2 MB at T = 16384, E = 31) is read from L2 once per iteration.
+// 512 threads for E ≤ 32; 256 for E ≤ 64, whose two register arrays of 64
+// need more than 512 threads may have (128 each) without spilling.
+template <int EMAX>
+constexpr int kSinkhornThreads = EMAX <= 32 ? 512 : 256;
 
 template <int EMAX>
-__global__ void __launch_bounds__(kSinkhornThreads)
-    sinkhorn_kernel(const float* __restrict__ C, int64_t T, int E, float tol, int64_t max_iters, float eps,
+__global__ void __launch_bounds__(kSinkhornThreads<EMAX>)
+    sinkhorn_kernel(const float* __restrict__ Ct, int64_t T, int E, float tol, int64_t max_iters, float eps,
                     float* __restrict__ d0, float* __restrict__ d1_out, float* __restrict__ stats) {
-  constexpr int kWarps = kSinkhornThreads / 32;
+  constexpr int kWarps = kSinkhornThreads<EMAX> / 32;
   __shared__ float d1[EMAX], part[kWarps][EMAX];
   __shared__ float err_shared;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -281,17 +288,18 @@ __global__ void __launch_bounds__(kSinkhornThreads)
     float acc[EMAX];
 #pragma unroll
     for (int e = 0; e < EMAX; ++e) acc[e] = 0.f;
-    for (int64_t t = tid; t < T; t += kSinkhornThreads) {
-      const float* row = C + t * E;
+    for (int64_t t = tid; t < T; t += kSinkhornThreads<EMAX>) {
+      float c[EMAX];
       float s = 0.f;
 #pragma unroll
-      for (int e = 0; e < EMAX; ++e)
-        if (e < E) s += row[e] * d1[e];
+      for (int e = 0; e < EMAX; ++e) {
+        c[e] = e < E ? Ct[e * T + t] : 0.f;
+        s += c[e] * d1[e];
+      }
       const float d0t = inv_t / (s + eps);
       d0[t] = d0t;
 #pragma unroll
-      for (int e = 0; e < EMAX; ++e)
-        if (e < E) acc[e] += row[e] * d0t;
+      for (int e = 0; e < EMAX; ++e) acc[e] += c[e] * d0t;
     }
 #pragma unroll
     for (int e = 0; e < EMAX; ++e) {
@@ -465,14 +473,14 @@ int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, 
   return int(cudaGetLastError());
 }
 
-int sinkhorn(const float* C, int64_t T, int64_t E, float tol, int64_t max_iters, float eps, float* d0, float* d1,
+int sinkhorn(const float* Ct, int64_t T, int64_t E, float tol, int64_t max_iters, float eps, float* d0, float* d1,
              float* stats, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   if (E < 1 || E > 64) return int(cudaErrorInvalidValue);
   if (E <= 32)
-    sinkhorn_kernel<32><<<1, kSinkhornThreads, 0, st>>>(C, T, int(E), tol, max_iters, eps, d0, d1, stats);
+    sinkhorn_kernel<32><<<1, kSinkhornThreads<32>, 0, st>>>(Ct, T, int(E), tol, max_iters, eps, d0, d1, stats);
   else
-    sinkhorn_kernel<64><<<1, kSinkhornThreads, 0, st>>>(C, T, int(E), tol, max_iters, eps, d0, d1, stats);
+    sinkhorn_kernel<64><<<1, kSinkhornThreads<64>, 0, st>>>(Ct, T, int(E), tol, max_iters, eps, d0, d1, stats);
   return int(cudaGetLastError());
 }
 

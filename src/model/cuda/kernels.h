@@ -57,12 +57,12 @@ int combine_backward(DType dt, const void* g, int64_t ld_g, const void* y, int64
                      const float* w, int64_t T, int64_t K, int64_t D, void* dy, int64_t ld_dy, float* dw,
                      void* stream);
 
-// Sinkhorn balancing of C [T, E] (fp32, contiguous, E ≤ 64) in one kernel (one
-// block): from d1 = 1, repeat
+// Sinkhorn balancing of C [T, E] (fp32, E ≤ 64) in one kernel (one block),
+// given transposed: Ct [E, T] contiguous (coalesced loads). From d1 = 1, repeat
 //   d0 = (1/T) / (C d1 + eps);  d1' = (1/E) / (Cᵀ d0 + eps);  err = mean |d1' − d1|;  d1 = d1'
 // until err < tol or max_iters, the stopping test every iteration on the
 // device (no host read). Writes d0 [T], d1 [E] and stats [2] = (iterations, err).
-int sinkhorn(const float* C, int64_t T, int64_t E, float tol, int64_t max_iters, float eps, float* d0, float* d1,
+int sinkhorn(const float* Ct, int64_t T, int64_t E, float tol, int64_t max_iters, float eps, float* d0, float* d1,
              float* stats, void* stream);
 
 }  // namespace moecpt::cuda
