@@ -184,22 +184,6 @@ void ExpertSharding::shard(torch::optim::Optimizer* optimizer) {
   sharded_ = true;
 }
 
-void ExpertSharding::unshard(torch::optim::Optimizer* optimizer) {
-  if (!sharded_) return;
-  torch::NoGradGuard no_grad;
-  auto gather = [&](const torch::Tensor& t) { return torch::cat(ep_->allgather(t, "expert weight all-gather"), 0); };
-  for (auto& p : expert_params_) {
-    if (auto* s = adamw_state(optimizer, p)) {
-      s->exp_avg(gather(s->exp_avg()));
-      s->exp_avg_sq(gather(s->exp_avg_sq()));
-      if (s->max_exp_avg_sq().defined()) s->max_exp_avg_sq(gather(s->max_exp_avg_sq()));
-    }
-    p.set_data(gather(p.detach()));
-    p.mutable_grad() = torch::Tensor();
-  }
-  sharded_ = false;
-}
-
 void ExpertSharding::unshard_to_rank0(torch::optim::Optimizer* optimizer) {
   if (!sharded_) return;
   for (auto& p : expert_params_) p.mutable_grad() = torch::Tensor();  // as unshard + shard: on every rank

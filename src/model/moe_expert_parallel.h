@@ -59,8 +59,8 @@ class ExpertParallel {
 
 // Expert parallelism for a whole model, set up by the trainer. The model is
 // built with all E experts on every rank (same seed / broadcast / checkpoint),
-// then shard() keeps each rank's block; unshard() gathers them back (e.g. to
-// write a layout-independent checkpoint). Parameters keep their identity
+// then shard() keeps each rank's block; unshard_to_rank0() gathers them on
+// rank 0 to write a layout-independent checkpoint. Parameters keep their identity
 // (set_data), so the optimizer and gradient hooks stay valid.
 class ExpertSharding {
  public:
@@ -72,8 +72,6 @@ class ExpertSharding {
   // Full → local expert weights, and AdamW state (exp_avg, exp_avg_sq, …) of
   // those weights when `optimizer` has any. Drops their gradients.
   void shard(torch::optim::Optimizer* optimizer);
-  // Local → full (all-gather over the EP group; a collective), same state.
-  void unshard(torch::optim::Optimizer* optimizer);
   // Local → full on world rank 0 only (to write a checkpoint): a gather over
   // the EP group that holds rank 0; the other ranks keep their shards and do
   // not take part, so no rank but 0 ever holds all experts. Call on every

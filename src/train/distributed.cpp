@@ -235,21 +235,6 @@ void Group::alltoall(torch::Tensor& out, torch::Tensor& in, std::vector<int64_t>
   wait(w, what);
 }
 
-std::vector<torch::Tensor> Group::allgather(const torch::Tensor& t, const char* what) {
-  std::vector<torch::Tensor> in{t.detach().contiguous()};
-  std::vector<std::vector<torch::Tensor>> out(1);
-  for (int i = 0; i < size(); ++i) out[0].push_back(torch::empty_like(in[0]));
-  c10::intrusive_ptr<c10d::Work> w;
-  try {
-    w = pg_->allgather(out, in);
-  } catch (const std::exception& e) {
-    failed_ = true;
-    throw Error("rank " + std::to_string(rank()) + ": " + what + " failed: " + describe(std::current_exception()));
-  }
-  wait(w, what);
-  return out[0];
-}
-
 std::vector<torch::Tensor> Group::gather(const torch::Tensor& t, int root, const char* what) {
   if (root < 0 || root >= size())
     throw Error(std::string(what) + ": gather root " + std::to_string(root) + " is not a rank of a group of " +

@@ -72,8 +72,6 @@ class Group {
   // rank order. Empty split vectors mean equal splits.
   void alltoall(torch::Tensor& out, torch::Tensor& in, std::vector<int64_t> out_splits,
                 std::vector<int64_t> in_splits, const char* what);
-  // Blocking all-gather of equal-shaped tensors: element i is rank i's `t`.
-  std::vector<torch::Tensor> allgather(const torch::Tensor& t, const char* what);
   // Blocking gather to `root` (a rank of this group): there element i is rank
   // i's `t`; elsewhere the result is empty.
   std::vector<torch::Tensor> gather(const torch::Tensor& t, int root, const char* what);

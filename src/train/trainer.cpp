@@ -382,8 +382,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     return json{{"step", step}, {"sampler", to_json(sampler.state())}, {"run", cfg.run.name},
                 {"initial_eval", initial_eval}};
   };
-  // Rank 0 writes; expert parallel: the experts are gathered first (all ranks),
-  // so a checkpoint holds the full model whatever the layout.
+  // Rank 0 writes; expert parallel: the experts are first gathered to rank 0
+  // (only), so a checkpoint holds the full model whatever the layout.
   auto save = [&](const std::string& dir, torch::optim::Optimizer* opt, int64_t step) {
     if (ep) ep->unshard_to_rank0(opt);  // only rank 0 writes, so only it holds all experts
     if (root) save_checkpoint(dir, *m, opt, trainer_state(step), cfg);
