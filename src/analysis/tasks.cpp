@@ -264,14 +264,20 @@ std::string norm_context(const std::string& s, bool lines) {
   return rstrip(s.substr(a));
 }
 std::string norm_continuation(const std::string& s, bool lines) {
-  if (!lines) return " " + collapse_spaces(s);
+  // Built by appending: GCC 12 warns falsely on "literal" + std::string&& (bug 105651).
+  std::string out(lines ? "\n" : " ");
+  if (!lines) {
+    out += collapse_spaces(s);
+    return out;
+  }
   // "\n" + the first non-blank line with its indentation, and what follows.
   size_t a = 0, line_start = 0;
   while (a < s.size() && is_space(s[a])) {
     if (s[a] == '\n') line_start = a + 1;
     ++a;
   }
-  return "\n" + rstrip(s.substr(std::min(line_start, s.size())));
+  out += rstrip(s.substr(std::min(line_start, s.size())));
+  return out;
 }
 
 struct Candidate {

@@ -125,8 +125,9 @@ struct View {
 
 std::string f3(double v) { return fmt_fixed(v, 3); }
 std::string f2(double v) { return fmt_fixed(v, 2); }
-std::string signed3(double v) { return (std::isfinite(v) && v >= 0 ? "+" : "") + fmt_fixed(v, 3); }
-std::string signed2(double v) { return (std::isfinite(v) && v >= 0 ? "+" : "") + fmt_fixed(v, 2); }
+// Appended, not "literal" + std::string&& (GCC 12's false -Wstringop-overflow, bug 105651).
+std::string signed3(double v) { return std::string(std::isfinite(v) && v >= 0 ? "+" : "").append(fmt_fixed(v, 3)); }
+std::string signed2(double v) { return std::string(std::isfinite(v) && v >= 0 ? "+" : "").append(fmt_fixed(v, 2)); }
 
 // Moving average over `w` points (ignoring NaN), for noisy per-step MRI.
 std::vector<double> smooth(const std::vector<double>& v, int w) {
@@ -535,7 +536,7 @@ std::string load_heatmap(const json& arm, const char* which, const std::string& 
   h.colorbar_label = "load share";
   if (arm.contains(which) && arm[which].contains(ds))
     for (const auto& row : arm[which][ds].value("loads", json::array())) h.values.push_back(as_vec(row));
-  for (size_t l = 0; l < h.values.size(); ++l) h.row_labels.push_back("L" + std::to_string(l));
+  for (size_t l = 0; l < h.values.size(); ++l) h.row_labels.push_back(std::string("L").append(std::to_string(l)));
   const size_t E = h.values.empty() ? 0 : h.values[0].size();
   for (size_t e = 0; e < E; ++e) h.col_labels.push_back(std::to_string(e));
   return render_heatmap(h);

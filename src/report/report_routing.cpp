@@ -153,7 +153,7 @@ namespace {
 std::string s_of(const json& j, const char* k) { return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : ""; }
 double d_of(const json& j, const char* k) { return j.contains(k) && j[k].is_number() ? j[k].get<double>() : kNaN; }
 std::string f3(double v) { return fmt_fixed(v, 3); }
-std::string signed3(double v) { return (std::isfinite(v) && v >= 0 ? "+" : "") + fmt_fixed(v, 3); }
+std::string signed3(double v) { return std::string(std::isfinite(v) && v >= 0 ? "+" : "").append(fmt_fixed(v, 3)); }
 
 std::vector<std::vector<double>> matrix(const json& j) {
   std::vector<std::vector<double>> m;
@@ -172,7 +172,7 @@ std::string figure(const std::string& svg, const std::string& caption = "") {
 
 std::vector<std::string> expert_labels(size_t E) {
   std::vector<std::string> l;
-  for (size_t e = 0; e < E; ++e) l.push_back("e" + std::to_string(e));
+  for (size_t e = 0; e < E; ++e) l.push_back(std::string("e").append(std::to_string(e)));
   return l;
 }
 
