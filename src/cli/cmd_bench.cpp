@@ -286,8 +286,9 @@ void run_bench_train(const BenchOptions& o) {
   const std::string rope_path = model::fused_rotary_enabled() ? "fused" : "composite";
   // moecpt's own CUDA kernels (gated activation, RoPE, head; MOECPT_CUDA_KERNELS=0: ATen ops)
   const bool cuda_kernels = model::cuda_kernels_enabled() && dev.is_cuda();
-  const bool sinkhorn_kernel = model::sinkhorn_kernel_requested() && cuda_kernels && mc.ffn == "moe" &&
-                               cfg.router.type == "sinkhorn" && mc.n_experts <= 64;  // MOECPT_SINKHORN_KERNEL=1
+  model::sinkhorn_kernel_requested();  // read here too: a bad MOECPT_SINKHORN_KERNEL is an error on any machine
+  const bool sinkhorn_kernel = mc.ffn == "moe" && cfg.router.type == "sinkhorn" &&
+                               model::use_sinkhorn_kernel(dev, mc.n_experts);  // MOECPT_SINKHORN_KERNEL=1
   // MOECPT_MOE_COMBINE, as it applies to this device and dtype ("kernel" only on CUDA)
   const std::string moe_combine =
       mc.ffn != "moe" ? "none"

@@ -238,4 +238,8 @@ bool sinkhorn_kernel_requested() {
   return on;
 }
 
+bool use_sinkhorn_kernel(const torch::Device& device, int64_t n_experts) {
+  return device.is_cuda() && n_experts >= 1 && n_experts <= 64 && cuda_kernels_enabled() && sinkhorn_kernel_requested();
+}
+
 }  // namespace moecpt::model

@@ -57,5 +57,9 @@ CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t 
 // Whether the Sinkhorn router uses cuda_sinkhorn: opt-in, MOECPT_SINKHORN_KERNEL=1,
 // until it has been measured on a GPU (read once; 0 or 1, else an error).
 bool sinkhorn_kernel_requested();
+// Whether a Sinkhorn router of n_experts on `device` runs cuda_sinkhorn: requested,
+// the kernels built and enabled, a CUDA device, at most 64 experts (its fp32
+// scores are the router's own business). The router and `bench train` ask this.
+bool use_sinkhorn_kernel(const torch::Device& device, int64_t n_experts);
 
 }  // namespace moecpt::model

@@ -16,7 +16,7 @@ SinkhornResult sinkhorn_balance(const torch::Tensor& logits_TE, double tol, int6
   const int64_t T = logits_TE.size(0), E = logits_TE.size(1);
   auto z_TE = logits_TE.detach().to(torch::promote_types(logits_TE.scalar_type(), torch::kFloat32));
   auto C_TE = torch::exp(z_TE - std::get<0>(z_TE.max(-1, /*keepdim=*/true)));
-  if (use_cuda_kernels(C_TE) && C_TE.scalar_type() == torch::kFloat32 && E <= 64 && sinkhorn_kernel_requested()) {
+  if (C_TE.scalar_type() == torch::kFloat32 && use_sinkhorn_kernel(C_TE.device(), E)) {
     auto k = cuda_sinkhorn(C_TE.contiguous(), tol, max_iters, eps);
     SinkhornResult res;
     res.S_TE = k.d0_T.unsqueeze(1) * C_TE * k.d1_E.unsqueeze(0);
