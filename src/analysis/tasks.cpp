@@ -108,16 +108,8 @@ Scored encode_choice(const Tokenizer& tok, const std::vector<int>& ctx, const st
   return s;
 }
 
-}  // namespace
-
-json eval_report(const EvalOptions& opt) {
-  read_task_file(opt.task);  // a bad task file is reported before the checkpoint is loaded
-  LoadedModel m = load_model(opt.checkpoint, opt.device);
-  return eval_report(m, opt);
-}
-
-json eval_report(LoadedModel& m, const EvalOptions& opt) {
-  auto items = read_task_file(opt.task);
+// Scores `items` on the loaded model (eval_report's two entry points).
+json eval_items(LoadedModel& m, const EvalOptions& opt, const std::vector<TaskItem>& items) {
   const std::string tpath = opt.tokenizer.empty() ? m.cfg.data.tokenizer : opt.tokenizer;
   Tokenizer tok(tpath);
   if (tok.vocab_size() > m.cfg.model.vocab_size)
@@ -196,6 +188,16 @@ json eval_report(LoadedModel& m, const EvalOptions& opt) {
   if (opt.details) r["items_detail"] = details;
   return r;
 }
+
+}  // namespace
+
+json eval_report(const EvalOptions& opt) {
+  const auto items = read_task_file(opt.task);  // a bad task file is reported before the checkpoint is loaded
+  LoadedModel m = load_model(opt.checkpoint, opt.device);
+  return eval_items(m, opt, items);
+}
+
+json eval_report(LoadedModel& m, const EvalOptions& opt) { return eval_items(m, opt, read_task_file(opt.task)); }
 
 std::string eval_text(const json& r) {
   char buf[512];
