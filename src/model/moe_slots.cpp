@@ -12,23 +12,32 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// x_SD = x_TD[order_S / K]; backward gathers the K slots of each token and sums them.
+// x_SD = x_TD[order_S / K]; backward gathers the K slots of each token and
+// sums them: two ATen ops, or with `kernel` one pass of moecpt's CUDA kernel
+// (model/cuda_kernels.h: fp32 sum, one rounding).
 class DispatchSlots : public torch::autograd::Function<DispatchSlots> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_TD, const torch::Tensor& token_of_slot_S,
-                               const torch::Tensor& inverse_S, int64_t K) {
+                               const torch::Tensor& inverse_S, int64_t K, bool kernel) {
     ctx->save_for_backward({inverse_S});
     ctx->saved_data["K"] = K;
+    ctx->saved_data["kernel"] = kernel;
     return x_TD.index_select(0, token_of_slot_S);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto inverse_S = ctx->get_saved_variables()[0];
     const int64_t K = ctx->saved_data["K"].toInt();
-    const auto& g = grads[0];
-    const int64_t S = g.size(0), D = g.size(1);
-    auto g_TKD = g.index_select(0, inverse_S).view({S / K, K, D});
-    auto dx = K == 1 ? g_TKD.squeeze(1) : g_TKD.sum(1);
-    return {dx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    const int64_t S = grads[0].size(0), D = grads[0].size(1);
+    torch::Tensor dx;
+    if (ctx->saved_data["kernel"].toBool()) {
+      const auto g = grads[0].contiguous();
+      dx = torch::empty({S / K, D}, g.options());
+      cuda_gather_sum_rows(g, inverse_S, torch::Tensor(), K, dx);
+    } else {
+      auto g_TKD = grads[0].index_select(0, inverse_S).view({S / K, K, D});
+      dx = K == 1 ? g_TKD.squeeze(1) : g_TKD.sum(1);
+    }
+    return {dx, torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -65,29 +74,9 @@ class CombineSlots : public torch::autograd::Function<CombineSlots> {
   }
 };
 
-// The same two ops on moecpt's CUDA kernels: dispatch's backward and
-// combine's forward are one gather-and-sum pass each (fp32 sums, one
-// rounding), combine's backward one pass writing dy and the fp32 gate
+// The combine on moecpt's CUDA kernels: forward one gather-and-sum pass (fp32
+// sums, one rounding), backward one pass writing dy and the fp32 gate
 // gradients. The gates stay fp32.
-class DispatchSlotsCuda : public torch::autograd::Function<DispatchSlotsCuda> {
- public:
-  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_TD, const torch::Tensor& token_of_slot_S,
-                               const torch::Tensor& inverse_S, int64_t K) {
-    ctx->save_for_backward({inverse_S});
-    ctx->saved_data["K"] = K;
-    ctx->saved_data["T"] = x_TD.size(0);
-    return x_TD.index_select(0, token_of_slot_S);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto inverse_S = ctx->get_saved_variables()[0];
-    const int64_t K = ctx->saved_data["K"].toInt(), T = ctx->saved_data["T"].toInt();
-    const auto g = grads[0].contiguous();
-    auto dx = torch::empty({T, g.size(1)}, g.options());
-    cuda_gather_sum_rows(g, inverse_S, torch::Tensor(), K, dx);
-    return {dx, torch::Tensor(), torch::Tensor(), torch::Tensor()};
-  }
-};
-
 class CombineSlotsCuda : public torch::autograd::Function<CombineSlotsCuda> {
  public:
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& y_SD, const torch::Tensor& gates_TK,
@@ -142,7 +131,7 @@ torch::Tensor dispatch_slots(const torch::Tensor& x_TD, const SlotOrder& o) {
   if (x_TD.size(0) * o.top_k != o.order_S.size(0))
     throw Error("dispatch_slots: " + std::to_string(x_TD.size(0)) + " tokens × K = " + std::to_string(o.top_k) +
                 " is not the " + std::to_string(o.order_S.size(0)) + " slots of the order");
-  return DispatchSlots::apply(x_TD, o.token_S, o.inverse_S, o.top_k);
+  return DispatchSlots::apply(x_TD, o.token_S, o.inverse_S, o.top_k, false);
 }
 
 torch::Tensor combine_slots(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
@@ -174,7 +163,7 @@ torch::Tensor dispatch_slots_cuda(const torch::Tensor& x_TD, const SlotOrder& o)
     throw Error("dispatch_slots_cuda: " + std::to_string(x_TD.size(0)) + " tokens × K = " + std::to_string(o.top_k) +
                 " is not the " + std::to_string(o.order_S.size(0)) + " slots of the order");
   if (!use_cuda_kernels(x_TD)) throw Error("dispatch_slots_cuda: needs fp32/bf16 CUDA rows and moecpt's CUDA kernels");
-  return DispatchSlotsCuda::apply(x_TD, o.token_S, o.inverse_S, o.top_k);
+  return DispatchSlots::apply(x_TD, o.token_S, o.inverse_S, o.top_k, true);
 }
 
 torch::Tensor combine_slots_cuda(const torch::Tensor& y_SD, const torch::Tensor& gates_TK, const SlotOrder& o) {
