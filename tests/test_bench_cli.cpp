@@ -72,6 +72,35 @@ TEST(BenchCli, CudaWithoutGpuIsAClearError) {
   EXPECT_NE(r.output.find("no CUDA device"), std::string::npos) << r.output;
 }
 
+// --cuda-graph: refused off CUDA by name; on a GPU the JSON says the graphs
+// ran (one graph per micro-batch kind, every timed micro-batch a replay) and
+// which expert path they hold.
+TEST(BenchCli, CudaGraphIsRefusedOffCudaAndReportedOnAGpu) {
+  const std::string base = "bench train --config " + kRecipes + "mini/granular-aux.toml" + kTiny +
+                           " --layers 2 --steps 2 --warmup 1 --batch 2 --threads 1 --peak-tflops 1 --json";
+  auto cpu = moecpt::testing::run_moecpt(base + " --device cpu --cuda-graph");
+  EXPECT_EQ(cpu.exit_code, 1);
+  EXPECT_NE(cpu.output.find("--cuda-graph needs --device cuda"), std::string::npos) << cpu.output;
+  auto plain = moecpt::testing::run_moecpt(base + " --device cpu");
+  ASSERT_EQ(plain.exit_code, 0) << plain.output;
+  const auto jp = nlohmann::json::parse(plain.output);
+  EXPECT_EQ(jp["cuda_graph"]["enabled"], false);
+  EXPECT_EQ(jp["expert_gemm"]["calls_counted_in"], "timed steps");
+  auto gpu = moecpt::testing::run_moecpt(base + " --device cuda --dtype bfloat16 --accum 2 --cuda-graph");
+  if (gpu.exit_code != 0 && gpu.output.find("no CUDA device") != std::string::npos)
+    GTEST_SKIP() << "no CUDA device";
+  if (gpu.exit_code != 0 && gpu.output.find("needs a CUDA build") != std::string::npos)
+    GTEST_SKIP() << "LibTorch without CUDA";
+  ASSERT_EQ(gpu.exit_code, 0) << gpu.output;
+  const auto j = nlohmann::json::parse(gpu.output);
+  EXPECT_EQ(j["cuda_graph"]["enabled"], true);
+  EXPECT_EQ(j["cuda_graph"]["graphs"].get<int64_t>(), 2);
+  EXPECT_GE(j["cuda_graph"]["replays"].get<int64_t>(), 2 * 2);  // at least every timed micro-batch
+  EXPECT_EQ(j["expert_gemm"]["path"], "grouped");
+  EXPECT_TRUE(std::isfinite(j["final_loss"].get<double>()));
+  EXPECT_NEAR(j["final_loss"].get<double>(), std::log(256.0), 1.0);
+}
+
 // One MoE layer, both expert-GEMM paths where the build has them: the JSON
 // names the path that ran and compares the bf16 paths with the fp32 reference.
 TEST(BenchCli, MoeLayerComparesExpertGemmPaths) {

@@ -42,6 +42,7 @@
 #include "model/moe_slots.h"
 #include "model/rotary_qkv.h"
 #include "model/transformer.h"
+#include "train/cuda_graph.h"
 #include "train/op_profile.h"
 #include "train/optimizer.h"
 
@@ -67,6 +68,7 @@ struct BenchOptions {
   int64_t blas_threads = 1;  // > 0: profile one extra step and show this many ops
   bool unfused_head = false;  // logits + cross_entropy instead of the fused op
   std::string expert_gemm;    // "" = MOECPT_EXPERT_GEMM or auto (model/grouped_gemm.h)
+  bool cuda_graph = false;    // replay each micro-batch's forward + backward as a CUDA graph
 };
 
 struct MoeLayerOptions {
@@ -165,7 +167,15 @@ void run_bench_train(const BenchOptions& o) {
   if (device_name == "cuda" && !torch::cuda::is_available())
     throw Error("bench train: --device cuda, but this build/machine has no CUDA device "
                 "(build against a CUDA LibTorch: docs/performance.md)");
+  if (o.cuda_graph) {
+    if (device_name != "cuda") throw Error("bench train: --cuda-graph needs --device cuda");
+    if (!train::MicroStepGraphs::compiled())
+      throw Error("bench train: --cuda-graph needs a CUDA build of LibTorch (docs/performance.md)");
+  }
   const torch::Device dev(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
+  if (o.cuda_graph && mc.ffn == "moe" && cfg.router.type == "sinkhorn" && !model::use_sinkhorn_kernel(dev, mc.n_experts))
+    throw Error("bench train: --cuda-graph with the Sinkhorn router needs MOECPT_SINKHORN_KERNEL=1 (the ATen "
+                "iteration reads its error on the host, which a CUDA graph cannot hold)");
   const int threads = o.threads > 0 ? int(o.threads)
                       : cfg.run.threads > 0 ? int(cfg.run.threads)
                                             : int(std::max(1u, std::thread::hardware_concurrency()));
@@ -190,31 +200,37 @@ void run_bench_train(const BenchOptions& o) {
   // accumulation, as the trainer does for large batches): the optimizer and the
   // clip run once per accum forward/backward passes.
   const int64_t accum = o.accum;
+  // One micro-batch's forward + backward; returns its LM loss (detached).
+  auto micro_batch = [&]() -> torch::Tensor {
+    torch::Tensor total, lm;
+    {
+      std::optional<compat::Autocast> autocast;
+      if (dtype == "bfloat16") autocast.emplace(dev);
+      torch::Tensor aux, z;
+      if (o.unfused_head) {
+        auto out = model(inputs_BT);
+        lm = torch::cross_entropy_loss(out.logits_BTV.reshape({-1, mc.vocab_size}).to(torch::kFloat32),
+                                       targets_BT.reshape({-1}));
+        aux = out.aux_loss, z = out.z_loss;
+      } else {
+        auto out = model::forward_loss(*model, inputs_BT, targets_BT);
+        lm = out.lm_loss, aux = out.aux_loss, z = out.z_loss;
+      }
+      total = lm + aux + z;
+      if (accum > 1) total = total / double(accum);
+    }
+    total.backward();
+    return lm.detach();
+  };
+  // --cuda-graph: the micro-batches replay CUDA graphs of micro_batch (the
+  // inputs are the same tensors every step; the first runs are eager warm-up).
+  std::unique_ptr<train::MicroStepGraphs> graphs;
+  if (o.cuda_graph) graphs = std::make_unique<train::MicroStepGraphs>(micro_batch, params);
   // opt_s: when given, the device is synced before the clip and after AdamW and
   // the time between is written there (the optimizer's share, below).
   auto step = [&](double* opt_s = nullptr) {
-    opt->zero_grad();
-    for (int64_t a = 0; a < accum; ++a) {
-      torch::Tensor total;
-      {
-        std::optional<compat::Autocast> autocast;
-        if (dtype == "bfloat16") autocast.emplace(dev);
-        torch::Tensor lm, aux, z;
-        if (o.unfused_head) {
-          auto out = model(inputs_BT);
-          lm = torch::cross_entropy_loss(out.logits_BTV.reshape({-1, mc.vocab_size}).to(torch::kFloat32),
-                                         targets_BT.reshape({-1}));
-          aux = out.aux_loss, z = out.z_loss;
-        } else {
-          auto out = model::forward_loss(*model, inputs_BT, targets_BT);
-          lm = out.lm_loss, aux = out.aux_loss, z = out.z_loss;
-        }
-        loss = lm.detach();
-        total = lm + aux + z;
-        if (accum > 1) total = total / double(accum);
-      }
-      total.backward();
-    }
+    if (!graphs) opt->zero_grad();  // the graphs overwrite the gradients in their first micro-batch
+    for (int64_t a = 0; a < accum; ++a) loss = graphs ? graphs->run(a == 0) : micro_batch();
     std::chrono::steady_clock::time_point t_opt;
     if (opt_s) {
       sync(dev);
@@ -229,9 +245,16 @@ void run_bench_train(const BenchOptions& o) {
     }
   };
 
-  for (int64_t i = 0; i < o.warmup; ++i) step();
-  sync(dev);
+  // With graphs the forward runs in the warm-up and captures only: count the
+  // expert GEMM calls from the start to tell which path the graphs hold.
   const auto calls_before = model::expert_gemm_calls();
+  for (int64_t i = 0; i < o.warmup; ++i) step();
+  if (graphs) {  // warm-up until the graphs exist, then one step of replays only
+    while (graphs->graphs_captured() < (accum > 1 ? 2 : 1)) step();
+    step();
+  }
+  sync(dev);
+  const auto calls_timed = model::expert_gemm_calls();
   // wall clock; CPU time of this process (all threads); wall clock until step()
   // returns, before the device sync: on a GPU, the host's time to enqueue the
   // step (close to step_s: the host is the limit, or something syncs inside).
@@ -275,8 +298,9 @@ void run_bench_train(const BenchOptions& o) {
     step(&s);
     opt_s.push_back(s);
   }
-  const int64_t grouped_calls = calls_after.grouped - calls_before.grouped;
-  const int64_t loop_calls = calls_after.loop - calls_before.loop;
+  const auto& calls_from = graphs ? calls_before : calls_timed;  // graphs: warm-up + capture
+  const int64_t grouped_calls = calls_after.grouped - calls_from.grouped;
+  const int64_t loop_calls = calls_after.loop - calls_from.loop;
   const auto* fused_opt = dynamic_cast<const FusedAdamW*>(opt.get());
   const std::string optimizer_path = fused_opt ? fused_opt->last_path() : "loop";
   const bool fast_bf16 = compat::cpu_has_fast_bf16_matmul();  // reads /proc/cpuinfo
@@ -380,7 +404,11 @@ void run_bench_train(const BenchOptions& o) {
                        {"path", expert_path},
                        {"grouped_mm_compiled", model::grouped_mm_compiled()},
                        {"timed_grouped_calls", grouped_calls},
-                       {"timed_loop_calls", loop_calls}}},
+                       {"timed_loop_calls", loop_calls},
+                       {"calls_counted_in", graphs ? "warm-up and capture (the graphs replay them)" : "timed steps"}}},
+      {"cuda_graph", {{"enabled", bool(graphs)},
+                      {"graphs", graphs ? graphs->graphs_captured() : 0},
+                      {"replays", graphs ? graphs->replays() : 0}}},
       {"torch_version", TORCH_VERSION},
       {"final_loss", final_loss},
   };
@@ -423,6 +451,9 @@ void run_bench_train(const BenchOptions& o) {
                                            : "not built (-DMOECPT_CUDA_KERNELS=ON)");
   if (sinkhorn_kernel) std::printf("  Sinkhorn: one CUDA kernel, stopping test on the device (MOECPT_SINKHORN_KERNEL=1)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
+  if (graphs)
+    std::printf("  CUDA graphs: each micro-batch's forward + backward replayed (%lld graph(s), %lld replays)\n",
+                (long long)graphs->graphs_captured(), (long long)graphs->replays());
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
                 (long long)model->activation_checkpointing());
@@ -610,6 +641,9 @@ void register_bench_commands(CLI::App& app) {
                     "MoE expert GEMMs: auto | grouped (at::_grouped_mm, LibTorch >= 2.8) | loop (per-expert mm); "
                     "default MOECPT_EXPERT_GEMM or auto")
       ->check(CLI::IsMember({"auto", "grouped", "loop"}));
+  train->add_flag("--cuda-graph", o->cuda_graph,
+                  "replay each micro-batch's forward + backward as a CUDA graph (after eager warm-up steps; "
+                  "needs the grouped expert GEMM and, for Sinkhorn, MOECPT_SINKHORN_KERNEL=1)");
   train->add_flag("--json", o->json, "print one JSON object");
   train->add_option("--blas-threads", o->blas_threads, "OpenBLAS threads under the matmuls (default 1)");
   auto* profile = train->add_option(
