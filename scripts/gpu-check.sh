@@ -152,7 +152,8 @@ elif "tokens_per_s" in r:
           f"MFU {100*r['mfu']:.1f}% of {r['peak_tflops']:.0f}"
           + (f" ({100*r['mfu_without_optimizer']:.1f}% without the optimizer's "
              f"{r['optimizer_ms']['median']:.1f} ms)" if r.get('mfu_without_optimizer') else "")
-          + f"; experts {e.get('path')}, combine {r.get('moe_combine')}, sinkhorn kernel {r.get('sinkhorn_kernel')}; "
+          + f"; experts {e.get('path')}, combine {r.get('moe_combine')}, sinkhorn kernel {r.get('sinkhorn_kernel')}, "
+          f"graph {r.get('cuda_graph', {}).get('enabled')}; "
           f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
     print(json.dumps(r, indent=1), file=sys.stderr)
@@ -220,6 +221,8 @@ if [ "${AB:-0}" = 1 ]; then
   #     device (MOECPT_SINKHORN_KERNEL=1) vs the default ATen iteration;
   #   - the MoE combine and the dispatch's backward as moecpt's kernels
   #     (MOECPT_MOE_COMBINE=kernel) vs the gathers;
+  #   - (session 10) each micro-batch replayed as a CUDA graph (--cuda-graph),
+  #     Granular with both kernels (the ATen Sinkhorn cannot be captured) and dense;
   # then both together with 4 micro-batches per optimizer step (the optimizer's
   # share amortised, as the paper's 1024-sequence steps would run). (Session 8's
   # A/B, measured: MOECPT_CUDA_KERNELS=0, MOECPT_MOE_COMBINE=index_add,
@@ -233,7 +236,10 @@ if [ "${AB:-0}" = 1 ]; then
     MOECPT_SINKHORN_KERNEL=1 bench granular-sinkhorn-kernel-$round 60 bench train "${GG[@]}"
     MOECPT_MOE_COMBINE=kernel bench granular-combine-kernel-$round 60 bench train "${GG[@]}"
     MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-$round 60 bench train "${GG[@]}"
+    MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-graph-$round 75 bench train \
+      "${GG[@]}" --cuda-graph
     [ "$round" = 1 ] && bench dense-$round 45 bench train --config $D "${COMMON[@]}"
+    [ "$round" = 1 ] && bench dense-graph-$round 60 bench train --config $D "${COMMON[@]}" --cuda-graph
   done
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-accum4 90 bench train "${GG[@]}" \
     --accum 4

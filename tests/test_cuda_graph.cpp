@@ -1,4 +1,4 @@
-// train::MicroStepGraphs: one micro-batch's forward + backward replayed as a
+// MicroStepGraphs: one micro-batch's forward + backward replayed as a
 // CUDA graph. On the CPU: the eager mode's gradient semantics (the reference the
 // graphs must match) and the refusal without CUDA; on a GPU: replayed steps
 // equal eager steps of the same model, and a body that syncs is a clear error.
@@ -21,7 +21,7 @@
 namespace moecpt {
 namespace {
 
-using train::MicroStepGraphs;
+
 
 model::Transformer make_model(const std::string& ffn, const torch::Device& dev, uint64_t seed) {
   torch::manual_seed(seed);

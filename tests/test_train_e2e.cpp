@@ -194,6 +194,33 @@ TEST(TrainE2E, ActivationCheckpointingTrainsBitIdentically) {
   EXPECT_LT(plain.back(), plain.front() - 0.5);
 }
 
+TEST(TrainE2E, CudaGraphIsRefusedOffCudaAndTrainsLikeEagerOnAGpu) {
+  testing::TempDir dir;
+  write_tiny_run(dir);
+  try {
+    train_tiny_losses(dir, "cpu-graph", {"train.cuda_graph=true"});
+    FAIL() << "train.cuda_graph on the CPU must be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("train.cuda_graph = true needs run.device = \"cuda\""), std::string::npos)
+        << e.what();
+  }
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  // The tiny MoE (top-k router, grouped experts in bf16) with two micro-batches
+  // per step: eagerly, and with the graphs (steps 1 eager, 2 captures both
+  // graphs, 3-12 replay them). The same kernels run, so the losses agree; the
+  // bound leaves room for a kernel with atomics.
+  const std::vector<std::string> gpu = {"run.device=\"cuda\"", "run.dtype=\"bfloat16\"", "train.micro_batch_size=4"};
+  auto eager = train_tiny_losses(dir, "eager", gpu);
+  auto with_graph = gpu;
+  with_graph.push_back("train.cuda_graph=true");
+  auto graphed = train_tiny_losses(dir, "graphed", with_graph);
+  ASSERT_EQ(eager.size(), 12u);
+  ASSERT_EQ(graphed.size(), 12u);
+  for (size_t i = 0; i < eager.size(); ++i)
+    EXPECT_NEAR(graphed[i], eager[i], 1e-3 * std::abs(eager[i])) << "step " << i + 1;
+  EXPECT_LT(graphed.back(), graphed.front() - 0.5);
+}
+
 TEST(TrainE2E, MetricsWriteFailureStopsNamingTheFile) {
   // A full disk, simulated with a file-size limit (ulimit -f; SIGXFSZ ignored
   // so the write fails with EFBIG instead of killing the process): the run

@@ -12,7 +12,8 @@
 // group sizes once per MoE layer (model/moe.cpp; none with the grouped GEMM,
 // model/grouped_gemm.h), and Sinkhorn reads its error every 8th iteration on a
 // GPU (model/router_sinkhorn.cpp). Each step is timed between device
-// synchronisations (a no-op on CPU).
+// synchronisations (a no-op on CPU). --cuda-graph replays each micro-batch as
+// a CUDA graph (train/cuda_graph.h); it needs a step without those syncs.
 //
 // `moecpt bench moe-layer` times one MoE layer with each expert-GEMM path and
 // compares their outputs and gradients.
@@ -169,7 +170,7 @@ void run_bench_train(const BenchOptions& o) {
                 "(build against a CUDA LibTorch: docs/performance.md)");
   if (o.cuda_graph) {
     if (device_name != "cuda") throw Error("bench train: --cuda-graph needs --device cuda");
-    if (!train::MicroStepGraphs::compiled())
+    if (!MicroStepGraphs::compiled())
       throw Error("bench train: --cuda-graph needs a CUDA build of LibTorch (docs/performance.md)");
   }
   const torch::Device dev(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
@@ -224,13 +225,13 @@ void run_bench_train(const BenchOptions& o) {
   };
   // --cuda-graph: the micro-batches replay CUDA graphs of micro_batch (the
   // inputs are the same tensors every step; the first runs are eager warm-up).
-  std::unique_ptr<train::MicroStepGraphs> graphs;
-  if (o.cuda_graph) graphs = std::make_unique<train::MicroStepGraphs>(micro_batch, params);
+  // Either way the first micro-batch of a step overwrites the gradients.
+  MicroStepGraphs micro_steps(micro_batch, params,
+                              o.cuda_graph ? MicroStepGraphs::Mode::kGraph : MicroStepGraphs::Mode::kEager);
   // opt_s: when given, the device is synced before the clip and after AdamW and
   // the time between is written there (the optimizer's share, below).
   auto step = [&](double* opt_s = nullptr) {
-    if (!graphs) opt->zero_grad();  // the graphs overwrite the gradients in their first micro-batch
-    for (int64_t a = 0; a < accum; ++a) loss = graphs ? graphs->run(a == 0) : micro_batch();
+    for (int64_t a = 0; a < accum; ++a) loss = micro_steps.run(a == 0);
     std::chrono::steady_clock::time_point t_opt;
     if (opt_s) {
       sync(dev);
@@ -249,8 +250,8 @@ void run_bench_train(const BenchOptions& o) {
   // expert GEMM calls from the start to tell which path the graphs hold.
   const auto calls_before = model::expert_gemm_calls();
   for (int64_t i = 0; i < o.warmup; ++i) step();
-  if (graphs) {  // warm-up until the graphs exist, then one step of replays only
-    while (graphs->graphs_captured() < (accum > 1 ? 2 : 1)) step();
+  if (o.cuda_graph) {  // warm-up until the graphs exist, then one step of replays only
+    while (micro_steps.graphs_captured() < (accum > 1 ? 2 : 1)) step();
     step();
   }
   sync(dev);
@@ -298,7 +299,7 @@ void run_bench_train(const BenchOptions& o) {
     step(&s);
     opt_s.push_back(s);
   }
-  const auto& calls_from = graphs ? calls_before : calls_timed;  // graphs: warm-up + capture
+  const auto& calls_from = o.cuda_graph ? calls_before : calls_timed;  // graphs: warm-up + capture
   const int64_t grouped_calls = calls_after.grouped - calls_from.grouped;
   const int64_t loop_calls = calls_after.loop - calls_from.loop;
   const auto* fused_opt = dynamic_cast<const FusedAdamW*>(opt.get());
@@ -405,10 +406,10 @@ void run_bench_train(const BenchOptions& o) {
                        {"grouped_mm_compiled", model::grouped_mm_compiled()},
                        {"timed_grouped_calls", grouped_calls},
                        {"timed_loop_calls", loop_calls},
-                       {"calls_counted_in", graphs ? "warm-up and capture (the graphs replay them)" : "timed steps"}}},
-      {"cuda_graph", {{"enabled", bool(graphs)},
-                      {"graphs", graphs ? graphs->graphs_captured() : 0},
-                      {"replays", graphs ? graphs->replays() : 0}}},
+                       {"calls_counted_in", o.cuda_graph ? "warm-up and capture (the graphs replay them)" : "timed steps"}}},
+      {"cuda_graph", {{"enabled", o.cuda_graph},
+                      {"graphs", micro_steps.graphs_captured()},
+                      {"replays", micro_steps.replays()}}},
       {"torch_version", TORCH_VERSION},
       {"final_loss", final_loss},
   };
@@ -451,9 +452,9 @@ void run_bench_train(const BenchOptions& o) {
                                            : "not built (-DMOECPT_CUDA_KERNELS=ON)");
   if (sinkhorn_kernel) std::printf("  Sinkhorn: one CUDA kernel, stopping test on the device (MOECPT_SINKHORN_KERNEL=1)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
-  if (graphs)
+  if (o.cuda_graph)
     std::printf("  CUDA graphs: each micro-batch's forward + backward replayed (%lld graph(s), %lld replays)\n",
-                (long long)graphs->graphs_captured(), (long long)graphs->replays());
+                (long long)micro_steps.graphs_captured(), (long long)micro_steps.replays());
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
                 (long long)model->activation_checkpointing());

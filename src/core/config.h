@@ -190,6 +190,7 @@ struct TrainConfig {
   std::string on_nonfinite = "stop";  // stop | skip
   std::string activation_checkpointing = "none";  // none | full (model/activation_checkpoint.h)
   int64_t activation_checkpointing_every = 1;    // full: recompute blocks l with l % n == 0
+  bool cuda_graph = false;         // replay each micro-batch as a CUDA graph (train/cuda_graph.h)
 
   // For TransformerImpl::set_activation_checkpointing: 0 = off, else n.
   int64_t recompute_every() const { return activation_checkpointing == "full" ? activation_checkpointing_every : 0; }
@@ -208,6 +209,7 @@ struct TrainConfig {
     v("on_nonfinite", on_nonfinite, "non-finite loss: stop the run, or skip the batch", Choices{"stop", "skip"});
     v("activation_checkpointing", activation_checkpointing, "recompute blocks in the backward instead of keeping their activations (less memory, ~1/3 more FLOPs; same gradients)", Choices{"none", "full"});
     v("activation_checkpointing_every", activation_checkpointing_every, "with full: recompute every n-th block (1 = all, 2 = every other one)", at_least(1));
+    v("cuda_graph", cuda_graph, "replay each micro-batch's forward + backward as a CUDA graph after two eager ones (one process, run.device = cuda, grouped expert GEMM; Sinkhorn needs MOECPT_SINKHORN_KERNEL=1)");
   }
 };
 

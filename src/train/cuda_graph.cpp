@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-namespace moecpt::train {
+namespace moecpt {
 
 bool MicroStepGraphs::compiled() {
 #ifdef MOECPT_TORCH_CUDA
@@ -158,4 +158,4 @@ int64_t MicroStepGraphs::graphs_captured() const {
 
 int64_t MicroStepGraphs::replays() const { return impl_->replays; }
 
-}  // namespace moecpt::train
+}  // namespace moecpt

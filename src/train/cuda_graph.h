@@ -34,8 +34,9 @@
 // error), one process (no data or expert parallelism).
 //
 // Mode::kEager runs every call eagerly on the current stream with the same
-// gradient semantics (the reference the GPU tests compare the graphs with;
-// the only mode off CUDA).
+// gradient semantics: the trainer's and `bench train`'s micro-batches go
+// through it when graphs are off (one code path for both), and the GPU tests
+// compare the graphs with it. The only mode off CUDA.
 #pragma once
 #include <functional>
 #include <memory>
@@ -43,7 +44,7 @@
 
 #include "core/pch.h"
 
-namespace moecpt::train {
+namespace moecpt {
 
 class MicroStepGraphs {
  public:
@@ -73,4 +74,4 @@ class MicroStepGraphs {
   std::unique_ptr<Impl> impl_;
 };
 
-}  // namespace moecpt::train
+}  // namespace moecpt

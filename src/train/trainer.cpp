@@ -15,12 +15,14 @@
 #include "core/log.h"
 #include "data/mixture.h"
 #include "data/shard.h"
+#include "model/cuda_kernels.h"
 #include "model/flops.h"
 #include "model/fused_ce.h"
 #include "model/moe_expert_parallel.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
+#include "train/cuda_graph.h"
 #include "train/distributed.h"
 #include "train/optimizer.h"
 #include "train/schedule.h"
@@ -318,7 +320,61 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   log::info(cfg.run.name + ": " + std::to_string(params.total) + " params (" + std::to_string(params.active) +
             " active), " + std::to_string(cfg.train.steps) + " steps × " + std::to_string(tokens_per_step) +
             " tokens" + (n_micro > 1 ? " in " + std::to_string(n_micro) + " micro-batches" : "") + ", " +
-            std::to_string(threads) + " threads, " + cfg.run.dtype);
+            std::to_string(threads) + " threads, " + cfg.run.dtype +
+            (cfg.train.cuda_graph ? ", CUDA graphs" : ""));
+
+  // One micro-batch (train/cuda_graph.h): forward on mb_rows, backward of its
+  // share of the batch loss; returns [lm, aux, z (each / n_micro), the slot
+  // counts of every MoE layer, Sinkhorn's [iterations, error] of every Sinkhorn
+  // layer] as one fp64 device vector, whose layout the body notes each time it
+  // runs (eagerly, or when captured). With train.cuda_graph it is replayed as
+  // a CUDA graph that reads mb_rows, which then is a fixed tensor the step
+  // copies each micro-batch into.
+  if (cfg.train.cuda_graph) {
+    if (!dev.is_cuda()) throw Error("train.cuda_graph = true needs run.device = \"cuda\"");
+    if (group)
+      throw Error("train.cuda_graph = true runs in one process only (data and expert parallelism talk to the "
+                  "other ranks inside the step); set it to false");
+    if (!MicroStepGraphs::compiled())
+      throw Error("train.cuda_graph = true needs a CUDA build of LibTorch (docs/performance.md)");
+    if (cfg.model.ffn == "moe" && cfg.router.type == "sinkhorn" && !model::use_sinkhorn_kernel(dev, cfg.model.n_experts))
+      throw Error("train.cuda_graph = true with the Sinkhorn router needs MOECPT_SINKHORN_KERNEL=1 (the ATen "
+                  "iteration reads its error on the host, which a CUDA graph cannot hold)");
+  }
+  torch::Tensor mb_rows;
+  if (cfg.train.cuda_graph)
+    mb_rows = torch::zeros({micro, cfg.model.seq_len + 1}, torch::TensorOptions().dtype(torch::kInt64).device(dev));
+  bool arm_reducer = false;  // data parallel: the last micro-batch's backward starts the all-reduce
+  struct {
+    std::vector<int64_t> counts;  // experts per MoE layer
+    int64_t sinkhorn_layers = 0;
+  } layout;
+  MicroStepGraphs micro_steps(
+      [&]() -> torch::Tensor {
+        std::optional<compat::Autocast> autocast;
+        if (cfg.run.dtype == "bfloat16") autocast.emplace(dev);
+        auto l = forward_losses(m, mb_rows);
+        autocast.reset();
+        if (arm_reducer) reducer->arm();
+        // Equal-sized micro-batches: the mean of their losses is the batch loss
+        // (and with W ranks, the mean over ranks after the gradient all-reduce).
+        ((l.lm + l.aux + l.z) / double(n_micro)).backward();
+        std::vector<torch::Tensor> parts{
+            torch::stack({l.lm.detach(), l.aux.detach(), l.z.detach()}).to(torch::kFloat64) / double(n_micro)};
+        layout.counts.clear();
+        layout.sinkhorn_layers = 0;
+        for (const auto& r : l.routing) {
+          parts.push_back(r.tokens_per_expert_E.to(torch::kFloat64));
+          layout.counts.push_back(r.tokens_per_expert_E.numel());
+        }
+        for (const auto& r : l.routing)
+          if (r.sinkhorn_stats.defined()) {
+            parts.push_back(r.sinkhorn_stats.to(torch::kFloat64).reshape({2}));
+            ++layout.sinkhorn_layers;
+          }
+        return torch::cat(parts);
+      },
+      m->parameters(), cfg.train.cuda_graph ? MicroStepGraphs::Mode::kGraph : MicroStepGraphs::Mode::kEager);
 
   // Metrics: one JSON object per line. On resume, drop lines past the checkpoint.
   const std::string metrics_path = (out / "metrics.jsonl").string();
@@ -435,7 +491,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     set_learning_rate(*optimizer, lr);
     Batch batch = sampler.next();
     auto windows = to_tensor(batch, dev);
-    optimizer->zero_grad();
+    // (No zero_grad: the step's first micro-batch overwrites the gradients.)
     // Losses and expert counts stay on the device during the step and come to
     // the host in one copy after the backward (with the grad norm): one host
     // sync per step, not three per micro-batch plus one per MoE layer.
@@ -444,26 +500,31 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     std::vector<torch::Tensor> sk_dev;  // Sinkhorn [iterations, error] per MoE layer (last micro-batch), on the device
     set_dp_sum(true);
     for (int64_t mb = 0; mb < n_micro; ++mb) {
-      std::optional<compat::Autocast> autocast;
-      if (cfg.run.dtype == "bfloat16") autocast.emplace(dev);
       auto rows = n_micro == 1 ? windows : windows.narrow(0, mb * micro, micro);
       // Data parallel: this rank's rows of the global micro-batch, strided
       // (rank, rank+W, …) so replay rows (the batch's last) spread over ranks.
       if (group) rows = rows.slice(0, denv.rank, micro, W).contiguous();
-      auto l = forward_losses(m, rows);
-      autocast.reset();
-      if (reducer && mb == n_micro - 1) reducer->arm();
-      // Equal-sized micro-batches: the mean of their losses is the batch loss
-      // (and with W ranks, the mean over ranks after the gradient all-reduce).
-      ((l.lm + l.aux + l.z) / double(n_micro)).backward();
-      auto mb_losses = torch::stack({l.lm.detach(), l.aux.detach(), l.z.detach()}).to(torch::kFloat64) / double(n_micro);
+      if (cfg.train.cuda_graph)
+        mb_rows.copy_(rows);  // the graphs read this tensor
+      else
+        mb_rows = rows;
+      arm_reducer = reducer && mb == n_micro - 1;
+      const int64_t captured = micro_steps.graphs_captured();
+      auto res = micro_steps.run(mb == 0);
+      if (root && micro_steps.graphs_captured() > captured)
+        log::info("CUDA graph " + std::to_string(micro_steps.graphs_captured()) + " captured (" +
+                  (mb == 0 ? "first micro-batch of a step" : "accumulating micro-batch") + ")");
+      auto mb_losses = res.narrow(0, 0, 3);
       losses_dev = losses_dev.defined() ? losses_dev + mb_losses : mb_losses;
-      if (counts.empty()) counts.resize(l.routing.size());
-      for (size_t i = 0; i < l.routing.size(); ++i)
-        counts[i] = counts[i].defined() ? counts[i] + l.routing[i].tokens_per_expert_E : l.routing[i].tokens_per_expert_E;
+      if (counts.empty()) counts.resize(layout.counts.size());
+      int64_t at = 3;
+      for (size_t i = 0; i < layout.counts.size(); ++i) {
+        auto c = res.narrow(0, at, layout.counts[i]);
+        counts[i] = counts[i].defined() ? counts[i] + c : c;
+        at += layout.counts[i];
+      }
       sk_dev.clear();
-      for (const auto& r : l.routing)
-        if (r.sinkhorn_stats.defined()) sk_dev.push_back(r.sinkhorn_stats.to(torch::kFloat64).reshape({2}));
+      for (int64_t i = 0; i < layout.sinkhorn_layers; ++i, at += 2) sk_dev.push_back(res.narrow(0, at, 2));
     }
     set_dp_sum(false);
     // [lm, aux, z, (stop), counts of every MoE layer…] as one fp64 device vector.
@@ -519,7 +580,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     if (!std::isfinite(lm) || !std::isfinite(aux) || !std::isfinite(z)) {
       if (cfg.train.on_nonfinite == "skip") {
         if (root) log::warn("non-finite loss at step " + std::to_string(step + 1) + ": batch skipped");
-        optimizer->zero_grad();
+        // (The next step's first micro-batch overwrites the gradients.)
         if (auto* fused = dynamic_cast<FusedAdamW*>(optimizer.get())) fused->set_pending_grad_divisor({});
         ++step;
         continue;
