@@ -168,15 +168,8 @@ void run_bench_train(const BenchOptions& o) {
   if (device_name == "cuda" && !torch::cuda::is_available())
     throw Error("bench train: --device cuda, but this build/machine has no CUDA device "
                 "(build against a CUDA LibTorch: docs/performance.md)");
-  if (o.cuda_graph) {
-    if (device_name != "cuda") throw Error("bench train: --cuda-graph needs --device cuda");
-    if (!MicroStepGraphs::compiled())
-      throw Error("bench train: --cuda-graph needs a CUDA build of LibTorch (docs/performance.md)");
-  }
   const torch::Device dev(device_name == "cuda" ? torch::kCUDA : torch::kCPU);
-  if (o.cuda_graph && mc.ffn == "moe" && cfg.router.type == "sinkhorn" && !model::use_sinkhorn_kernel(dev, mc.n_experts))
-    throw Error("bench train: --cuda-graph with the Sinkhorn router needs MOECPT_SINKHORN_KERNEL=1 (the ATen "
-                "iteration reads its error on the host, which a CUDA graph cannot hold)");
+  if (o.cuda_graph) check_cuda_graph_support("bench train: --cuda-graph", "--device cuda", dev, mc, cfg.router);
   const int threads = o.threads > 0 ? int(o.threads)
                       : cfg.run.threads > 0 ? int(cfg.run.threads)
                                             : int(std::max(1u, std::thread::hardware_concurrency()));

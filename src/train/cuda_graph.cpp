@@ -3,6 +3,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "model/cuda_kernels.h"
 
 #ifdef MOECPT_TORCH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -157,5 +158,14 @@ int64_t MicroStepGraphs::graphs_captured() const {
 }
 
 int64_t MicroStepGraphs::replays() const { return impl_->replays; }
+
+void check_cuda_graph_support(const std::string& what, const std::string& device_setting,
+                              const torch::Device& device, const ModelConfig& mc, const RouterConfig& rc) {
+  if (!device.is_cuda()) throw Error(what + " needs " + device_setting);
+  if (!MicroStepGraphs::compiled()) throw Error(what + " needs a CUDA build of LibTorch (docs/performance.md)");
+  if (mc.ffn == "moe" && rc.type == "sinkhorn" && !model::use_sinkhorn_kernel(device, mc.n_experts))
+    throw Error(what + " with the Sinkhorn router needs MOECPT_SINKHORN_KERNEL=1 (the ATen iteration reads its "
+                "error on the host, which a CUDA graph cannot hold)");
+}
 
 }  // namespace moecpt

@@ -42,6 +42,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/config.h"
 #include "core/pch.h"
 
 namespace moecpt {
@@ -73,5 +74,13 @@ class MicroStepGraphs {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Refuses a run whose micro-batch cannot be captured, with a moecpt::Error that
+// starts with `what` (e.g. "train.cuda_graph = true"): a device that is not
+// CUDA (`device_setting` says how to ask for one, e.g. "--device cuda"), a
+// LibTorch without CUDA, or the Sinkhorn router without its kernel (the ATen
+// iteration reads its error on the host). `bench train` and the trainer ask it.
+void check_cuda_graph_support(const std::string& what, const std::string& device_setting,
+                              const torch::Device& device, const ModelConfig& mc, const RouterConfig& rc);
 
 }  // namespace moecpt

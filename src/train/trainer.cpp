@@ -15,7 +15,6 @@
 #include "core/log.h"
 #include "data/mixture.h"
 #include "data/shard.h"
-#include "model/cuda_kernels.h"
 #include "model/flops.h"
 #include "model/fused_ce.h"
 #include "model/moe_expert_parallel.h"
@@ -331,15 +330,10 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   // a CUDA graph that reads mb_rows, which then is a fixed tensor the step
   // copies each micro-batch into.
   if (cfg.train.cuda_graph) {
-    if (!dev.is_cuda()) throw Error("train.cuda_graph = true needs run.device = \"cuda\"");
+    check_cuda_graph_support("train.cuda_graph = true", "run.device = \"cuda\"", dev, cfg.model, cfg.router);
     if (group)
       throw Error("train.cuda_graph = true runs in one process only (data and expert parallelism talk to the "
                   "other ranks inside the step); set it to false");
-    if (!MicroStepGraphs::compiled())
-      throw Error("train.cuda_graph = true needs a CUDA build of LibTorch (docs/performance.md)");
-    if (cfg.model.ffn == "moe" && cfg.router.type == "sinkhorn" && !model::use_sinkhorn_kernel(dev, cfg.model.n_experts))
-      throw Error("train.cuda_graph = true with the Sinkhorn router needs MOECPT_SINKHORN_KERNEL=1 (the ATen "
-                  "iteration reads its error on the host, which a CUDA graph cannot hold)");
   }
   torch::Tensor mb_rows;
   if (cfg.train.cuda_graph)
