@@ -137,8 +137,8 @@ TEST(BenchCli, ExpertGemmOptionIsCheckedAndReported) {
   EXPECT_EQ(j["expert_gemm"]["timed_grouped_calls"].get<int64_t>(), 0);
 }
 
-// The A/B switches of session 7's kernels (MOECPT_FUSED_ROPE,
-// MOECPT_MOE_COMBINE) are reported in the JSON with the host's enqueue time,
+// The A/B switches of the kernels (MOECPT_FUSED_ROPE, MOECPT_MOE_COMBINE,
+// MOECPT_CUDA_KERNELS, MOECPT_QKV_LAYOUT) are reported in the JSON with the host's enqueue time,
 // and a bad value is refused by name. setenv reaches the child through popen.
 TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   const std::string cmd = "bench train --config " + kRecipes + "mini/granular-sinkhorn.toml" + kTiny +
@@ -177,4 +177,16 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   EXPECT_NE(bad.output.find("MOECPT_CUDA_KERNELS must be 0 or 1, got 'yes'"), std::string::npos) << bad.output;
   ::unsetenv("MOECPT_FUSED_ROPE");
   ::unsetenv("MOECPT_CUDA_KERNELS");
+  // MOECPT_QKV_LAYOUT: seq-major q/k is CUDA only (a CPU run stays head-major);
+  // a bad value stops the run when the model is built
+  EXPECT_EQ(parse()["qkv_layout"], "head_major");
+  ::setenv("MOECPT_QKV_LAYOUT", "seq_major", 1);
+  EXPECT_EQ(parse()["qkv_layout"], "head_major");
+  ::setenv("MOECPT_QKV_LAYOUT", "bshd", 1);
+  bad = moecpt::testing::run_moecpt(cmd);
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("MOECPT_QKV_LAYOUT='bshd': expected head_major (the default) or seq_major"),
+            std::string::npos)
+      << bad.output;
+  ::unsetenv("MOECPT_QKV_LAYOUT");
 }

@@ -146,35 +146,38 @@ TEST(CudaKernels, GatedActivationMatchesAnFp64ReferenceOnAGpu) {
 TEST(CudaKernels, RotaryQKVMatchesAnFp64ReferenceOnAGpu) {
   if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
   torch::manual_seed(6);
-  // Head size 64 (16-byte vectors) and 6 (scalar path).
+  // Head size 64 (16-byte vectors) and 6 (scalar path); q, k written
+  // head-major and seq-major (MOECPT_QKV_LAYOUT).
   for (int64_t Dh : {64, 6})
-    for (auto dt : {torch::kFloat32, torch::kBFloat16}) {
-      const int64_t B = 2, T = 24, H = 3;
-      auto rope64 = rotary_tables(T, Dh, 10000.0, torch::kCPU);
-      auto qkv = torch::randn({B, T, 3 * H * Dh}, torch::TensorOptions().dtype(dt).device(torch::kCUDA));
-      std::vector<torch::Tensor> w;
-      for (int i = 0; i < 3; ++i) w.push_back(torch::randn({B, H, T, Dh}, qkv.options()));
-      // GPU, the tables in qkv's dtype, as the model passes them.
-      auto x = qkv.detach().requires_grad_(true);
-      RotaryTables rope{rope64.cos_TR.to(qkv.options()), rope64.sin_TR.to(qkv.options())};
-      auto out = rotary_qkv(x, H, rope);
-      auto loss = (out.q * w[0]).sum() + (out.k * w[1]).sum() + (out.v * w[2]).sum();
-      auto dx = torch::autograd::grad({loss}, {x})[0];
-      // fp64 CPU reference from the same rounded inputs and tables.
-      auto x64 = qkv.to(torch::kCPU, torch::kFloat64).requires_grad_(true);
-      RotaryTables r64{rope.cos_TR.to(torch::kCPU, torch::kFloat64), rope.sin_TR.to(torch::kCPU, torch::kFloat64)};
-      auto ref = rotary_qkv_composite(x64, H, r64);
-      auto loss64 = (ref.q * w[0].to(torch::kCPU, torch::kFloat64)).sum() +
-                    (ref.k * w[1].to(torch::kCPU, torch::kFloat64)).sum() +
-                    (ref.v * w[2].to(torch::kCPU, torch::kFloat64)).sum();
-      auto dx64 = torch::autograd::grad({loss64}, {x64})[0];
-      const double tol = dt == torch::kBFloat16 ? std::ldexp(1.0, -7) : 2e-6;
-      const std::string what = std::string(dt == torch::kBFloat16 ? "bf16" : "fp32") + " Dh " + std::to_string(Dh);
-      EXPECT_LT(rel_err(out.q, ref.q.detach()), tol) << what << " q";
-      EXPECT_LT(rel_err(out.k, ref.k.detach()), tol) << what << " k";
-      EXPECT_EQ(rel_err(out.v, ref.v.detach()), 0.0) << what << " v";
-      EXPECT_LT(rel_err(dx, dx64), tol) << what << " dqkv";
-    }
+    for (auto dt : {torch::kFloat32, torch::kBFloat16})
+      for (auto layout : {QKVLayout::kHeadMajor, QKVLayout::kSeqMajor}) {
+        const int64_t B = 2, T = 24, H = 3;
+        auto rope64 = rotary_tables(T, Dh, 10000.0, torch::kCPU);
+        auto qkv = torch::randn({B, T, 3 * H * Dh}, torch::TensorOptions().dtype(dt).device(torch::kCUDA));
+        std::vector<torch::Tensor> w;
+        for (int i = 0; i < 3; ++i) w.push_back(torch::randn({B, H, T, Dh}, qkv.options()));
+        // GPU, the tables in qkv's dtype, as the model passes them.
+        auto x = qkv.detach().requires_grad_(true);
+        RotaryTables rope{rope64.cos_TR.to(qkv.options()), rope64.sin_TR.to(qkv.options())};
+        auto out = rotary_qkv(x, H, rope, layout);
+        auto loss = (out.q * w[0]).sum() + (out.k * w[1]).sum() + (out.v * w[2]).sum();
+        auto dx = torch::autograd::grad({loss}, {x})[0];
+        // fp64 CPU reference from the same rounded inputs and tables.
+        auto x64 = qkv.to(torch::kCPU, torch::kFloat64).requires_grad_(true);
+        RotaryTables r64{rope.cos_TR.to(torch::kCPU, torch::kFloat64), rope.sin_TR.to(torch::kCPU, torch::kFloat64)};
+        auto ref = rotary_qkv_composite(x64, H, r64);
+        auto loss64 = (ref.q * w[0].to(torch::kCPU, torch::kFloat64)).sum() +
+                      (ref.k * w[1].to(torch::kCPU, torch::kFloat64)).sum() +
+                      (ref.v * w[2].to(torch::kCPU, torch::kFloat64)).sum();
+        auto dx64 = torch::autograd::grad({loss64}, {x64})[0];
+        const double tol = dt == torch::kBFloat16 ? std::ldexp(1.0, -7) : 2e-6;
+        const std::string what = std::string(dt == torch::kBFloat16 ? "bf16" : "fp32") + " Dh " + std::to_string(Dh) +
+                                 " " + qkv_layout_name(layout);
+        EXPECT_LT(rel_err(out.q, ref.q.detach()), tol) << what << " q";
+        EXPECT_LT(rel_err(out.k, ref.k.detach()), tol) << what << " k";
+        EXPECT_EQ(rel_err(out.v, ref.v.detach()), 0.0) << what << " v";
+        EXPECT_LT(rel_err(dx, dx64), tol) << what << " dqkv";
+      }
 }
 
 TEST(CudaKernels, CrossEntropyRowsMatchAnFp64ReferenceOnAGpu) {

@@ -93,6 +93,56 @@ TEST(OpProfile, DeviceTimesOnAGpu) {
   EXPECT_NE(train::format_op_table(ops, 1.0, 3, mm->device_total_us).find("self device time"), std::string::npos);
 }
 
+TEST(OpProfile, OpKindsByName) {
+  using train::OpKind;
+  for (const char* m : {"aten::mm", "aten::addmm", "aten::addmm_", "aten::addmm.dtype_out", "aten::bmm", "aten::baddbmm_",
+                        "aten::addbmm", "aten::_grouped_mm", "aten::_scaled_mm", "aten::matmul", "aten::linear"})
+    EXPECT_EQ(train::op_kind(m), OpKind::kMatmul) << m;
+  for (const char* a : {"aten::_cudnn_attention_backward", "aten::_flash_attention_forward",
+                        "aten::_efficient_attention_backward", "aten::_scaled_dot_product_cudnn_attention",
+                        "torch::autograd::CppNode<moecpt::model::(anonymous namespace)::CausalAttention>"})
+    EXPECT_EQ(train::op_kind(a), OpKind::kAttention) << a;
+  // matrix-vector products (Sinkhorn), autograd nodes, casts, user scopes,
+  // and names that only start like a matmul are the rest
+  for (const char* r : {"aten::mv", "aten::addmv_", "aten::dot", "MmBackward0", "aten::copy_", "moe.router",
+                        "aten::mmx", "mm", "aten::", ""})
+    EXPECT_EQ(train::op_kind(r), OpKind::kOther) << r;
+}
+
+TEST(OpProfile, TimeSplitAndTheMfuCeiling) {
+  auto op = [](const char* name, double self_us, double device_self_us) {
+    train::OpStat o;
+    o.name = name;
+    o.self_us = self_us;
+    o.device_self_us = device_self_us;
+    o.calls = 1;
+    return o;
+  };
+  // a GPU profile: device self times count, CPU self times do not
+  std::vector<train::OpStat> ops = {op("aten::mm", 9, 300),       op("aten::addmm_", 9, 100),
+                                    op("aten::_grouped_mm", 9, 200), op("aten::_cudnn_attention_backward", 9, 150),
+                                    op("aten::addmv_", 9, 50),      op("aten::mul", 9, 200),
+                                    op("moe.router", 9000, 0)};
+  auto t = train::split_time(ops);
+  EXPECT_TRUE(t.device);
+  EXPECT_DOUBLE_EQ(t.matmul_us, 600);
+  EXPECT_DOUBLE_EQ(t.attention_us, 150);
+  EXPECT_DOUBLE_EQ(t.other_us, 250);
+  EXPECT_DOUBLE_EQ(t.total_us(), 1000);
+  // 3e11 FLOPs in the 750 µs of matmuls and attention = 400 TFLOP/s: 40 % of a
+  // 1000 TFLOP/s peak
+  EXPECT_NEAR(t.mfu_ceiling(3e11, 1000), 0.4, 1e-12);
+  EXPECT_EQ(t.mfu_ceiling(3e11, 0), 0.0);  // unknown peak
+  // a CPU profile (no device time anywhere): CPU self times
+  for (auto& o : ops) o.device_self_us = 0;
+  t = train::split_time(ops);
+  EXPECT_FALSE(t.device);
+  EXPECT_DOUBLE_EQ(t.matmul_us, 27);
+  EXPECT_DOUBLE_EQ(t.attention_us, 9);
+  EXPECT_DOUBLE_EQ(t.other_us, 9018);  // addmv_, mul, moe.router
+  EXPECT_EQ(train::split_time({}).mfu_ceiling(1e9, 1), 0.0);  // nothing timed: no ceiling
+}
+
 TEST(OpProfile, BenchTrainProfileListsTheMoEPhases) {
   const std::string path = std::string(MOECPT_SOURCE_DIR) + "/recipes/mini/granular-aux.toml";
   auto r = moecpt::testing::run_moecpt("bench train --config " + path +
@@ -106,6 +156,23 @@ TEST(OpProfile, BenchTrainProfileListsTheMoEPhases) {
     EXPECT_EQ(calls[phase], 1) << phase;  // one MoE layer, one forward
   EXPECT_GT(calls["aten::mm"], 0);
   EXPECT_GT(j["profile"]["profiled_step_ms"].get<double>(), 0);
+  // the split by kind covers every op's self time (all rows are listed here)
+  ASSERT_LT(j["profile"]["ops"].size(), 500u);
+  double self_ms = 0, mm_ms = 0;
+  for (const auto& row : j["profile"]["ops"]) {
+    self_ms += row["self_ms"].get<double>();
+    if (row["op"] == "aten::mm") mm_ms = row["self_ms"].get<double>();
+  }
+  const auto& split = j["profile"]["time_split"];
+  EXPECT_EQ(split["source"], "CPU self times");
+  EXPECT_NEAR(split["matmul_ms"].get<double>() + split["attention_ms"].get<double>() + split["other_ms"].get<double>(),
+              self_ms, 1e-6 * self_ms + 1e-9);
+  EXPECT_GE(split["matmul_ms"].get<double>(), mm_ms);
+  const double matmul_attention_s = 1e-3 * (split["matmul_ms"].get<double>() + split["attention_ms"].get<double>());
+  EXPECT_NEAR(split["mfu_ceiling_matmul_attention"].get<double>(),
+              double(j["train_flops_per_token"].get<int64_t>()) * j["tokens_per_step"].get<double>() /
+                  matmul_attention_s / (1e12 * j["peak_tflops"].get<double>()),
+              1e-9);
 
   // --profile-shapes: rows carry the input shapes; without --profile it is refused
   auto s = moecpt::testing::run_moecpt("bench train --config " + path +

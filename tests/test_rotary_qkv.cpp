@@ -129,6 +129,81 @@ TEST(RotaryQKV, Bfloat16StaysWithinRoundingOfTheCompositeOps) {
   EXPECT_LT(d, 0.05 * xc.grad().abs().max().to(torch::kFloat64).item<double>()) << d;
 }
 
+TEST(RotaryQKV, SeqMajorLayoutHasTheSameValuesAndGradients) {
+  // The layout changes where q and k live, not what they hold: bit-equal values
+  // and input gradients, in fp64 and in bf16 (the same roundings in the same
+  // order), and q, k are transposed views of contiguous [B, T, H, Dh].
+  torch::manual_seed(15);
+  const int64_t B = 2, T = 5, H = 3, Dh = 4;
+  auto rope = rotary_tables(T, Dh, 10000.0, torch::kCPU);
+  for (auto dt : {torch::kFloat64, torch::kBFloat16}) {
+    auto x0 = torch::randn({B, T, 3 * H * Dh}, torch::kFloat64).to(dt);
+    const auto probe = make_probe(B, H, T, Dh, dt);
+    auto xh = x0.clone().requires_grad_(), xs = x0.clone().requires_grad_();
+    auto head = rotary_qkv(xh, H, rope, QKVLayout::kHeadMajor), seq = rotary_qkv(xs, H, rope, QKVLayout::kSeqMajor);
+    EXPECT_TRUE(head.q.is_contiguous());
+    EXPECT_FALSE(seq.q.is_contiguous());
+    EXPECT_TRUE(seq.q.transpose(1, 2).is_contiguous());
+    EXPECT_TRUE(seq.k.transpose(1, 2).is_contiguous());
+    EXPECT_EQ(seq.q.sizes(), head.q.sizes());
+    EXPECT_TRUE(torch::equal(seq.q, head.q));
+    EXPECT_TRUE(torch::equal(seq.k, head.k));
+    EXPECT_TRUE(torch::equal(seq.v, head.v));
+    // the attention output's [B, T, H·Dh] view: free for seq-major q
+    probe(head).backward();
+    probe(seq).backward();
+    EXPECT_TRUE(torch::equal(xs.grad(), xh.grad())) << torch::toString(dt);
+  }
+  // the gradient checked against finite differences through the new layout too
+  auto x = torch::randn({1, 4, 3 * 2 * 4}, torch::kFloat64).requires_grad_();
+  auto rope4 = rotary_tables(4, 4, 100.0, torch::kCPU);
+  const auto probe = make_probe(1, 2, 4, 4, torch::kFloat64);
+  expect_grad_matches_fd([&] { return probe(rotary_qkv(x, 2, rope4, QKVLayout::kSeqMajor)); }, x,
+                         {0, 5, 9, 14, 18, 23, 3 * 24 + 2, 3 * 24 + 13}, "qkv (seq-major)");
+}
+
+TEST(RotaryQKV, SeqMajorAttentionOutputIsSeqMajorOnAGpu) {
+  // What the layout is for: LibTorch 2.x's fused attention returns its output
+  // in q's layout (cuDNN) or seq-major (flash, memory-efficient), so the
+  // out-projection's [B, T, H·Dh] view of it is free. Same values and
+  // gradients as head-major, within bf16 rounding.
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "needs a CUDA device";
+  torch::manual_seed(16);
+  const int64_t B = 2, T = 128, H = 4, Dh = 64;
+  auto opts = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  auto r = rotary_tables(T, Dh, 10000.0, torch::kCUDA);
+  RotaryTables rope{r.cos_TR.to(opts), r.sin_TR.to(opts)};
+  auto x0 = torch::randn({B, T, 3 * H * Dh}, opts);
+  auto w = torch::randn({B, T, H * Dh}, opts);
+  std::vector<torch::Tensor> y, dx;
+  for (auto layout : {QKVLayout::kHeadMajor, QKVLayout::kSeqMajor}) {
+    auto x = x0.clone().requires_grad_();
+    const auto out = rotary_qkv(x, H, rope, layout);
+    auto o = compat::causal_attention(out.q, out.k, out.v);
+    if (layout == QKVLayout::kSeqMajor && MOECPT_TORCH_AT_LEAST(2, 0))
+      EXPECT_TRUE(o.transpose(1, 2).is_contiguous()) << "the output's strides: " << o.strides();
+    auto flat = o.transpose(1, 2).reshape({B, T, H * Dh});
+    (flat.to(torch::kFloat32) * w.to(torch::kFloat32)).sum().backward();
+    y.push_back(flat.detach().to(torch::kFloat32));
+    dx.push_back(x.grad().to(torch::kFloat32));
+  }
+  auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+    return (a - b).abs().max().item<double>() / std::max(1e-30, b.abs().max().item<double>());
+  };
+  EXPECT_LT(rel(y[1], y[0]), 1e-2);
+  EXPECT_LT(rel(dx[1], dx[0]), 2e-2);
+}
+
+TEST(RotaryQKV, LayoutSwitchIsParsedAndCpuStaysHeadMajor) {
+  EXPECT_EQ(parse_qkv_layout(nullptr), QKVLayout::kHeadMajor);
+  EXPECT_EQ(parse_qkv_layout(""), QKVLayout::kHeadMajor);
+  EXPECT_EQ(parse_qkv_layout("head_major"), QKVLayout::kHeadMajor);
+  EXPECT_EQ(parse_qkv_layout("seq_major"), QKVLayout::kSeqMajor);
+  expect_error_containing([] { parse_qkv_layout("BSHD"); }, "MOECPT_QKV_LAYOUT='BSHD'");
+  EXPECT_EQ(qkv_layout_for(torch::Device(torch::kCPU)), QKVLayout::kHeadMajor);  // whatever the variable says
+  EXPECT_STREQ(qkv_layout_name(QKVLayout::kSeqMajor), "seq_major");
+}
+
 TEST(RotaryQKV, BadShapesAreRefusedByName) {
   auto rope = rotary_tables(5, 4, 10000.0, torch::kCPU);
   expect_error_containing([&] { rotary_qkv(torch::zeros({2, 5, 25}), 2, rope); }, "3·H·Dh");

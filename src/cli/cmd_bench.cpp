@@ -279,6 +279,7 @@ void run_bench_train(const BenchOptions& o) {
     profiled_us = 1e6 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (const auto& op : ops) profiled_device_us += op.device_self_us;  // telescopes to the ops' GPU span
   }
+  const train::TimeSplit split = train::split_time(ops);
   const double final_loss = loss.item<double>();
   const auto calls_after = model::expert_gemm_calls();  // before the extra steps below
   // The optimizer's share (clip + AdamW), from two more steps with a device sync
@@ -302,6 +303,8 @@ void run_bench_train(const BenchOptions& o) {
   // The kernel paths behind the A/B switches, for the JSON and the text alike.
   const bool head_fp32_logits = !o.unfused_head && model::fused_head_fp32_logits();  // MOECPT_HEAD_FP32_MM
   const std::string rope_path = model::fused_rotary_enabled() ? "fused" : "composite";
+  const std::string qkv_layout = model::fused_rotary_enabled() ? model::qkv_layout_name(model::qkv_layout_for(dev))
+                                                               : "head_major";  // MOECPT_QKV_LAYOUT
   // moecpt's own CUDA kernels (gated activation, RoPE, head; MOECPT_CUDA_KERNELS=0: ATen ops)
   const bool cuda_kernels = model::cuda_kernels_enabled() && dev.is_cuda();
   model::sinkhorn_kernel_requested();  // read here too: a bad MOECPT_SINKHORN_KERNEL is an error on any machine
@@ -370,6 +373,7 @@ void run_bench_train(const BenchOptions& o) {
       {"residual_dtype", bf16_stream ? "bfloat16" : "float32"},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
       {"rope", rope_path},
+      {"qkv_layout", qkv_layout},
       {"moe_combine", moe_combine},
       {"cuda_kernels", cuda_kernels},
       {"sinkhorn_kernel", sinkhorn_kernel},
@@ -415,6 +419,13 @@ void run_bench_train(const BenchOptions& o) {
       if (o.profile_shapes) rows.back()["shapes"] = ops[i].shapes;
     }
     j["profile"] = {{"profiled_step_ms", profiled_us / 1e3}, {"device_ms", profiled_device_us / 1e3}, {"ops", rows}};
+    const double ceiling = split.mfu_ceiling(double(flops_per_token) * tokens_per_step, peak);
+    j["profile"]["time_split"] = {
+        {"source", split.device ? "device self times" : "CPU self times"},
+        {"matmul_ms", split.matmul_us / 1e3},
+        {"attention_ms", split.attention_us / 1e3},
+        {"other_ms", split.other_us / 1e3},
+        {"mfu_ceiling_matmul_attention", ceiling > 0 ? nlohmann::json(ceiling) : nlohmann::json(nullptr)}};
   }
   if (o.json) {
     std::cout << j.dump(2) << "\n";
@@ -432,7 +443,8 @@ void run_bench_train(const BenchOptions& o) {
               : head_fp32_logits ? "fused (fp32 logits from the matmul; MOECPT_HEAD_FP32_MM=0: cast)"
                                  : "fused");
   std::printf("  optimizer: AdamW, %s (MOECPT_FUSED_ADAMW=0: loop)\n", optimizer_path.c_str());
-  std::printf("  rope: %s (MOECPT_FUSED_ROPE=0: composite)%s\n", rope_path.c_str(),
+  std::printf("  rope: %s (MOECPT_FUSED_ROPE=0: composite), q/k %s (MOECPT_QKV_LAYOUT)%s\n", rope_path.c_str(),
+              qkv_layout.c_str(),
               moe_combine == "none"     ? ""
               : moe_combine == "gather" ? "; MoE combine: gather (MOECPT_MOE_COMBINE=index_add: atomic, =kernel: CUDA)"
                                         : ("; MoE combine: " + moe_combine).c_str());
@@ -482,6 +494,17 @@ void run_bench_train(const BenchOptions& o) {
     else
       std::printf("  profile of one extra step (%.1f ms with the profiler on; self%% of that):\n", profiled_us / 1e3);
     std::fputs(train::format_op_table(ops, profiled_us, size_t(o.profile), profiled_device_us).c_str(), stdout);
+    // How far fusing or removing everything else could go, at the speed the
+    // matmuls and attention ran here (docs/performance.md, "ceiling").
+    const double total = split.total_us();
+    std::printf("  by kind (%s): matmuls %.1f ms (%.0f %%), attention %.1f ms (%.0f %%), the rest %.1f ms (%.0f %%)\n",
+                split.device ? "device self times" : "CPU self times", split.matmul_us / 1e3,
+                total > 0 ? 100.0 * split.matmul_us / total : 0.0, split.attention_us / 1e3,
+                total > 0 ? 100.0 * split.attention_us / total : 0.0, split.other_us / 1e3,
+                total > 0 ? 100.0 * split.other_us / total : 0.0);
+    if (const double c = split.mfu_ceiling(double(flops_per_token) * tokens_per_step, peak); c > 0)
+      std::printf("  MFU ceiling: %.1f %% if the step were only its matmuls and attention at these speeds\n",
+                  100.0 * c);
   }
 }
 

@@ -28,6 +28,7 @@ AttentionImpl::AttentionImpl(int64_t d_model, int64_t n_heads, double init_std, 
     throw Error("model: d_model (" + std::to_string(d_model) + ") / n_heads (" +
                 std::to_string(n_heads) + ") must be an even integer for RoPE");
   }
+  qkv_layout_requested();  // a bad MOECPT_QKV_LAYOUT stops the run here, on any device
   qkv = register_module("qkv", torch::nn::Linear(torch::nn::LinearOptions(d_model, 3 * d_model).bias(false)));
   out = register_module("out", torch::nn::Linear(torch::nn::LinearOptions(d_model, d_model).bias(false)));
   torch::NoGradGuard no_grad;
@@ -39,8 +40,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x_BTD, const RotaryTab
   const int64_t B = x_BTD.size(0), T = x_BTD.size(1), D = x_BTD.size(2);
   auto qkv_BTC = threaded_linear(x_BTD, qkv->weight);
   // q, k rotated, v; all [B, H, T, Dh] (model/rotary_qkv.h)
-  const auto [q, k, v] = fused_rotary_enabled() ? rotary_qkv(qkv_BTC, n_heads_, rope)
-                                                : rotary_qkv_composite(qkv_BTC, n_heads_, rope);
+  const auto [q, k, v] = fused_rotary_enabled()
+                             ? rotary_qkv(qkv_BTC, n_heads_, rope, qkv_layout_for(qkv_BTC.device()))
+                             : rotary_qkv_composite(qkv_BTC, n_heads_, rope);
   // LibTorch 1.13 has no fused attention: on the CPU (not under autocast) our
   // threaded Function (model/causal_attention.h), elsewhere compat's.
   const bool threaded = !MOECPT_TORCH_AT_LEAST(2, 0) && q.is_cpu() && !compat::autocast_enabled(q.device());

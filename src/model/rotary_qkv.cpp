@@ -32,13 +32,18 @@ void rotate_into(const torch::Tensor& out, const torch::Tensor& x, const torch::
 class RotaryQKV : public torch::autograd::Function<RotaryQKV> {
  public:
   static variable_list forward(AutogradContext* ctx, const torch::Tensor& qkv_BTC, const torch::Tensor& cos_TR,
-                               const torch::Tensor& sin_TR, int64_t n_heads) {
+                               const torch::Tensor& sin_TR, int64_t n_heads, bool seq_major) {
     compat::NoAutocast no_autocast;  // dtypes are explicit here
     const int64_t B = qkv_BTC.size(0), T = qkv_BTC.size(1), Dh = qkv_BTC.size(2) / (3 * n_heads);
     auto x = qkv_BTC.view({B, T, 3, n_heads, Dh});
     auto c = cos_TR.to(qkv_BTC.scalar_type()).view({T, 1, Dh / 2});
     auto s = sin_TR.to(qkv_BTC.scalar_type()).view({T, 1, Dh / 2});
-    auto rotated = [&](int64_t which) {
+    auto rotated = [&](int64_t which) {  // written as [B, T, H, Dh], returned as [B, H, T, Dh]
+      if (seq_major) {
+        auto out = torch::empty({B, T, n_heads, Dh}, qkv_BTC.options());
+        rotate_into(out, x.select(2, which), c, s, +1.0);
+        return out.transpose(1, 2);
+      }
       auto out = torch::empty({B, n_heads, T, Dh}, qkv_BTC.options());
       rotate_into(out.transpose(1, 2), x.select(2, which), c, s, +1.0);
       return out;
@@ -58,7 +63,7 @@ class RotaryQKV : public torch::autograd::Function<RotaryQKV> {
     torch::Tensor like;
     for (const auto& g : grads)
       if (g.defined()) like = g;
-    if (!like.defined()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    if (!like.defined()) return {torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
     const int64_t H = like.size(1), T = like.size(2), Dh = like.size(3);
     auto dx = torch::empty({B, T, 3, H, Dh}, like.options().dtype(c.scalar_type()));
     for (int64_t which = 0; which < 3; ++which) {
@@ -71,7 +76,7 @@ class RotaryQKV : public torch::autograd::Function<RotaryQKV> {
       else
         rotate_into(slot, g.transpose(1, 2), c, s, -1.0);
     }
-    return {dx.view({B, T, 3 * H * Dh}), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    return {dx.view({B, T, 3 * H * Dh}), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
 
@@ -87,10 +92,30 @@ void check_shapes(const torch::Tensor& qkv, int64_t n_heads, const RotaryTables&
 
 }  // namespace
 
-RotatedQKV rotary_qkv(const torch::Tensor& qkv_BTC, int64_t n_heads, const RotaryTables& rope) {
+RotatedQKV rotary_qkv(const torch::Tensor& qkv_BTC, int64_t n_heads, const RotaryTables& rope, QKVLayout layout) {
   check_shapes(qkv_BTC, n_heads, rope);
-  auto out = RotaryQKV::apply(qkv_BTC.contiguous(), rope.cos_TR, rope.sin_TR, n_heads);
+  auto out = RotaryQKV::apply(qkv_BTC.contiguous(), rope.cos_TR, rope.sin_TR, n_heads, layout == QKVLayout::kSeqMajor);
   return {out[0], out[1], out[2]};
+}
+
+QKVLayout parse_qkv_layout(const char* value) {
+  const std::string v = value ? value : "";
+  if (v.empty() || v == "head_major") return QKVLayout::kHeadMajor;
+  if (v == "seq_major") return QKVLayout::kSeqMajor;
+  throw Error("MOECPT_QKV_LAYOUT='" + v + "': expected head_major (the default) or seq_major");
+}
+
+QKVLayout qkv_layout_requested() {
+  static const QKVLayout chosen = parse_qkv_layout(std::getenv("MOECPT_QKV_LAYOUT"));
+  return chosen;
+}
+
+QKVLayout qkv_layout_for(const torch::Device& device) {
+  return device.is_cuda() ? qkv_layout_requested() : QKVLayout::kHeadMajor;
+}
+
+const char* qkv_layout_name(QKVLayout layout) {
+  return layout == QKVLayout::kSeqMajor ? "seq_major" : "head_major";
 }
 
 RotatedQKV rotary_qkv_composite(const torch::Tensor& qkv_BTC, int64_t n_heads, const RotaryTables& rope) {

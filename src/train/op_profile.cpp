@@ -145,4 +145,39 @@ std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size
   return s;
 }
 
+OpKind op_kind(const std::string& name) {
+  if (name.find("attention") != std::string::npos || name.find("Attention") != std::string::npos)
+    return OpKind::kAttention;
+  static const char* const kMatmuls[] = {"mm",     "addmm",  "bmm",         "baddbmm",    "addbmm",
+                                         "matmul", "linear", "_grouped_mm", "_scaled_mm", "_scaled_grouped_mm"};
+  const std::string prefix = "aten::";
+  if (name.compare(0, prefix.size(), prefix) != 0) return OpKind::kOther;
+  std::string base = name.substr(prefix.size());
+  if (const auto dot = base.find('.'); dot != std::string::npos) base.resize(dot);  // overloads: "addmm.dtype_out"
+  if (!base.empty() && base.back() == '_') base.pop_back();  // in place: "addmm_"
+  for (const char* m : kMatmuls)
+    if (base == m) return OpKind::kMatmul;
+  return OpKind::kOther;
+}
+
+TimeSplit split_time(const std::vector<OpStat>& ops) {
+  TimeSplit t;
+  for (const auto& o : ops) t.device = t.device || o.device_self_us > 0;
+  for (const auto& o : ops) {
+    const double us = t.device ? o.device_self_us : o.self_us;
+    switch (op_kind(o.name)) {
+      case OpKind::kMatmul: t.matmul_us += us; break;
+      case OpKind::kAttention: t.attention_us += us; break;
+      case OpKind::kOther: t.other_us += us; break;
+    }
+  }
+  return t;
+}
+
+double TimeSplit::mfu_ceiling(double flops, double peak_tflops) const {
+  const double us = matmul_us + attention_us;
+  if (us <= 0 || peak_tflops <= 0) return 0.0;
+  return flops / (us * 1e-6) / (peak_tflops * 1e12);
+}
+
 }  // namespace moecpt::train

@@ -38,4 +38,31 @@ std::vector<OpStat> profile_ops(const std::function<void()>& fn, bool device_tim
 // with shapes show them after the op's name.
 std::string format_op_table(const std::vector<OpStat>& ops, double wall_us, size_t limit, double device_us = 0);
 
+// What an op does, by its name: a matrix product that carries the model's
+// FLOPs (mm, addmm, bmm, baddbmm, addbmm, the grouped and scaled products,
+// matmul, linear, and their in-place and out= forms), fused attention (any op
+// whose name contains "attention": cuDNN, flash, memory-efficient, and
+// moecpt's CPU attention Function), or the rest. Matrix–vector products (mv,
+// addmv: the Sinkhorn iteration) are the rest: they are memory-bound and are
+// not in the model's FLOP count.
+enum class OpKind { kMatmul, kAttention, kOther };
+OpKind op_kind(const std::string& name);
+
+// A profiled step's time split by OpKind, summed over self times (so nested
+// ops are not counted twice): device self times when any op has one (a GPU
+// profile), else CPU self times.
+struct TimeSplit {
+  double matmul_us = 0;
+  double attention_us = 0;
+  double other_us = 0;
+  bool device = false;  // from device times
+  double total_us() const { return matmul_us + attention_us + other_us; }
+  // The MFU a step of `flops` would reach if it took only the time of its
+  // matrix products and attention at the speed they ran here: the ceiling
+  // that removing or fusing every other op approaches. 0 without that time or
+  // peak.
+  double mfu_ceiling(double flops, double peak_tflops) const;
+};
+TimeSplit split_time(const std::vector<OpStat>& ops);
+
 }  // namespace moecpt::train
