@@ -153,7 +153,7 @@ elif "tokens_per_s" in r:
           + (f" ({100*r['mfu_without_optimizer']:.1f}% without the optimizer's "
              f"{r['optimizer_ms']['median']:.1f} ms)" if r.get('mfu_without_optimizer') else "")
           + f"; experts {e.get('path')}, combine {r.get('moe_combine')}, sinkhorn kernel {r.get('sinkhorn_kernel')}, "
-          f"graph {r.get('cuda_graph', {}).get('enabled')}; "
+          f"graph {r.get('cuda_graph', {}).get('enabled')}, q/k {r.get('qkv_layout')}; "
           f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
     print(json.dumps(r, indent=1), file=sys.stderr)
@@ -204,6 +204,11 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     p = r.get("result", {}).get("profile")
     if not p: continue
+    t = p.get("time_split")
+    if t:
+        c = t.get("mfu_ceiling_matmul_attention")
+        print(f"  {r['tag']}: matmuls {t['matmul_ms']:.1f} ms, attention {t['attention_ms']:.1f} ms, the rest "
+              f"{t['other_ms']:.1f} ms" + (f"; MFU ceiling {100 * c:.1f}%" if c else ""))
     print(f"  {r['tag']}: {p['device_ms']:.1f} ms GPU; top ops by GPU self time:")
     for o in p["ops"][:int(os.environ.get("PROFILE_ROWS", "15"))]:
         name = (o['op'] + ' ' + o.get('shapes', '')).strip()
@@ -223,6 +228,8 @@ if [ "${AB:-0}" = 1 ]; then
   #     (MOECPT_MOE_COMBINE=kernel) vs the gathers;
   #   - (session 10) each micro-batch replayed as a CUDA graph (--cuda-graph),
   #     Granular with both kernels (the ATen Sinkhorn cannot be captured) and dense;
+  #   - (session 11) q and k written seq-major (MOECPT_QKV_LAYOUT=seq_major), so
+  #     cuDNN's attention output needs no copy for the out-projection (dense);
   # then both together with 4 micro-batches per optimizer step (the optimizer's
   # share amortised, as the paper's 1024-sequence steps would run). (Session 8's
   # A/B, measured: MOECPT_CUDA_KERNELS=0, MOECPT_MOE_COMBINE=index_add,
@@ -240,6 +247,7 @@ if [ "${AB:-0}" = 1 ]; then
       "${GG[@]}" --cuda-graph
     [ "$round" = 1 ] && bench dense-$round 45 bench train --config $D "${COMMON[@]}"
     [ "$round" = 1 ] && bench dense-graph-$round 60 bench train --config $D "${COMMON[@]}" --cuda-graph
+    [ "$round" = 1 ] && MOECPT_QKV_LAYOUT=seq_major bench dense-seq-qkv-$round 45 bench train --config $D "${COMMON[@]}"
   done
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-accum4 90 bench train "${GG[@]}" \
     --accum 4
