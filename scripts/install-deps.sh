@@ -14,6 +14,7 @@ PACKAGES=(
   libgtest-dev libbenchmark-dev
   libgloo-dev                  # c10d process groups on CPU
   chromium                     # headless check of the study report (tests)
+  python3-torch                # independent PyTorch references (tests) and the eager peer (bench/)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
