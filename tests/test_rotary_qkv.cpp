@@ -180,8 +180,9 @@ TEST(RotaryQKV, SeqMajorAttentionOutputIsSeqMajorOnAGpu) {
     auto x = x0.clone().requires_grad_();
     const auto out = rotary_qkv(x, H, rope, layout);
     auto o = compat::causal_attention(out.q, out.k, out.v);
-    if (layout == QKVLayout::kSeqMajor && MOECPT_TORCH_AT_LEAST(2, 0))
+    if (layout == QKVLayout::kSeqMajor && MOECPT_TORCH_AT_LEAST(2, 0)) {
       EXPECT_TRUE(o.transpose(1, 2).is_contiguous()) << "the output's strides: " << o.strides();
+    }
     auto flat = o.transpose(1, 2).reshape({B, T, H * Dh});
     (flat.to(torch::kFloat32) * w.to(torch::kFloat32)).sum().backward();
     y.push_back(flat.detach().to(torch::kFloat32));
