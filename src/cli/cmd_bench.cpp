@@ -353,6 +353,8 @@ void run_bench_train(const BenchOptions& o) {
   const double opt_med_s = std::min(median(opt_s), 0.95 * med_s);
   const double tflops_wo_opt = double(flops_per_token) * tokens_per_step / (med_s - opt_med_s) / 1e12;
   const double mfu_wo_opt = peak > 0 ? tflops_wo_opt / peak : 0.0;
+  // --profile: the MFU if the step were only its matmuls and attention (0: n/a)
+  const double mfu_ceiling = split.mfu_ceiling(double(flops_per_token) * tokens_per_step, peak);
 
   nlohmann::json j = {
       {"config", o.config},
@@ -419,13 +421,12 @@ void run_bench_train(const BenchOptions& o) {
       if (o.profile_shapes) rows.back()["shapes"] = ops[i].shapes;
     }
     j["profile"] = {{"profiled_step_ms", profiled_us / 1e3}, {"device_ms", profiled_device_us / 1e3}, {"ops", rows}};
-    const double ceiling = split.mfu_ceiling(double(flops_per_token) * tokens_per_step, peak);
     j["profile"]["time_split"] = {
         {"source", split.device ? "device self times" : "CPU self times"},
         {"matmul_ms", split.matmul_us / 1e3},
         {"attention_ms", split.attention_us / 1e3},
         {"other_ms", split.other_us / 1e3},
-        {"mfu_ceiling_matmul_attention", ceiling > 0 ? nlohmann::json(ceiling) : nlohmann::json(nullptr)}};
+        {"mfu_ceiling_matmul_attention", mfu_ceiling > 0 ? nlohmann::json(mfu_ceiling) : nlohmann::json(nullptr)}};
   }
   if (o.json) {
     std::cout << j.dump(2) << "\n";
@@ -502,9 +503,9 @@ void run_bench_train(const BenchOptions& o) {
                 total > 0 ? 100.0 * split.matmul_us / total : 0.0, split.attention_us / 1e3,
                 total > 0 ? 100.0 * split.attention_us / total : 0.0, split.other_us / 1e3,
                 total > 0 ? 100.0 * split.other_us / total : 0.0);
-    if (const double c = split.mfu_ceiling(double(flops_per_token) * tokens_per_step, peak); c > 0)
+    if (mfu_ceiling > 0)
       std::printf("  MFU ceiling: %.1f %% if the step were only its matmuls and attention at these speeds\n",
-                  100.0 * c);
+                  100.0 * mfu_ceiling);
   }
 }
 
