@@ -2,6 +2,11 @@
 // elementwise work that ATen runs as several passes: each kernel reads its
 // inputs once and writes its outputs once, computing in fp32 with one rounding.
 // 16-byte vector loads when sizes, strides and pointers allow, else scalar.
+//
+// Without a GPU the tests compile this file as C++ against a CPU emulation of
+// the CUDA execution model (tests/cuda_emu: its stand-in headers define
+// MOECPT_CUDA_EMULATION) and run every kernel; `launch` below is the one place
+// that differs.
 #include "model/cuda/kernels.h"
 
 #include <cuda_bf16.h>
@@ -12,6 +17,20 @@
 namespace moecpt::cuda {
 
 namespace {
+
+// kernel<<<grid, block, 0, st>>>(args...), each argument converted to the
+// kernel's parameter type; under the emulation, every thread of the launch
+// runs the kernel as a fiber on the CPU.
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), unsigned grid, unsigned block, cudaStream_t st, A... args) {
+  static_assert(sizeof...(P) == sizeof...(A), "one argument per kernel parameter");
+#ifdef MOECPT_CUDA_EMULATION
+  (void)st;
+  cuda_emu::launch(grid, block, [&] { kernel(P(args)...); });
+#else
+  kernel<<<grid, block, 0, st>>>(P(args)...);
+#endif
+}
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -369,11 +388,11 @@ int gated_forward_t(Act act, const void* h13, int64_t ld_h13, void* a, int64_t l
   const int64_t total = rows * (vec ? H / V : H);
   const auto g = blocks_for(total);
   if (act == Act::kGelu) {
-    if (vec) gated_forward_kernel<T, V, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
-    else gated_forward_kernel<T, 1, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
+    if (vec) launch(gated_forward_kernel<T, V, Act::kGelu>, g, kThreads, st, x, ld_h13, y, ld_a, rows, H);
+    else launch(gated_forward_kernel<T, 1, Act::kGelu>, g, kThreads, st, x, ld_h13, y, ld_a, rows, H);
   } else {
-    if (vec) gated_forward_kernel<T, V, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
-    else gated_forward_kernel<T, 1, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, y, ld_a, rows, H);
+    if (vec) launch(gated_forward_kernel<T, V, Act::kSilu>, g, kThreads, st, x, ld_h13, y, ld_a, rows, H);
+    else launch(gated_forward_kernel<T, 1, Act::kSilu>, g, kThreads, st, x, ld_h13, y, ld_a, rows, H);
   }
   return int(cudaGetLastError());
 }
@@ -390,11 +409,11 @@ int gated_backward_t(Act act, const void* h13, int64_t ld_h13, const void* da, i
   const int64_t total = rows * (vec ? H / V : H);
   const auto g = blocks_for(total);
   if (act == Act::kGelu) {
-    if (vec) gated_backward_kernel<T, V, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
-    else gated_backward_kernel<T, 1, Act::kGelu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+    if (vec) launch(gated_backward_kernel<T, V, Act::kGelu>, g, kThreads, st, x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+    else launch(gated_backward_kernel<T, 1, Act::kGelu>, g, kThreads, st, x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
   } else {
-    if (vec) gated_backward_kernel<T, V, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
-    else gated_backward_kernel<T, 1, Act::kSilu><<<g, kThreads, 0, st>>>(x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+    if (vec) launch(gated_backward_kernel<T, V, Act::kSilu>, g, kThreads, st, x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
+    else launch(gated_backward_kernel<T, 1, Act::kSilu>, g, kThreads, st, x, ld_h13, d, ld_da, y, ld_dh13, rows, H);
   }
   return int(cudaGetLastError());
 }
@@ -411,11 +430,11 @@ int rotate_pairs_t(const void* x, const int64_t xs[3], void* out, const int64_t 
   auto* op = static_cast<T*>(out);
   const auto *cp = static_cast<const T*>(c), *sp = static_cast<const T*>(s);
   if (vec)
-    rotate_pairs_kernel<T, V><<<g, kThreads, 0, st>>>(xp, xs[0], xs[1], xs[2], op, os[0], os[1], os[2], cp, sp, B, T_,
-                                                      Hd, n, float(sign));
+    launch(rotate_pairs_kernel<T, V>, g, kThreads, st,
+           xp, xs[0], xs[1], xs[2], op, os[0], os[1], os[2], cp, sp, B, T_, Hd, n, float(sign));
   else
-    rotate_pairs_kernel<T, 1><<<g, kThreads, 0, st>>>(xp, xs[0], xs[1], xs[2], op, os[0], os[1], os[2], cp, sp, B, T_,
-                                                      Hd, n, float(sign));
+    launch(rotate_pairs_kernel<T, 1>, g, kThreads, st,
+           xp, xs[0], xs[1], xs[2], op, os[0], os[1], os[2], cp, sp, B, T_, Hd, n, float(sign));
   return int(cudaGetLastError());
 }
 
@@ -429,8 +448,8 @@ int gather_sum_rows_t(const void* src, int64_t ld_src, const int64_t* idx, const
   const auto g = blocks_for(total);
   const auto* sp = static_cast<const T*>(src);
   auto* op = static_cast<T*>(out);
-  if (vec) gather_sum_rows_kernel<T, V><<<g, kThreads, 0, st>>>(sp, ld_src, idx, w, T_, int(K), D, op, ld_out);
-  else gather_sum_rows_kernel<T, 1><<<g, kThreads, 0, st>>>(sp, ld_src, idx, w, T_, int(K), D, op, ld_out);
+  if (vec) launch(gather_sum_rows_kernel<T, V>, g, kThreads, st, sp, ld_src, idx, w, T_, int(K), D, op, ld_out);
+  else launch(gather_sum_rows_kernel<T, 1>, g, kThreads, st, sp, ld_src, idx, w, T_, int(K), D, op, ld_out);
   return int(cudaGetLastError());
 }
 
@@ -447,9 +466,11 @@ int combine_backward_t(const void* g, int64_t ld_g, const void* y, int64_t ld_y,
   const auto *gp = static_cast<const T*>(g), *yp = static_cast<const T*>(y);
   auto* dp = static_cast<T*>(dy);
   if (vec)
-    combine_backward_kernel<T, V><<<blocks, kThreads, 0, st>>>(gp, ld_g, yp, ld_y, idx, w, S, int(K), D, dp, ld_dy, dw);
+    launch(combine_backward_kernel<T, V>, blocks, kThreads, st,
+           gp, ld_g, yp, ld_y, idx, w, S, int(K), D, dp, ld_dy, dw);
   else
-    combine_backward_kernel<T, 1><<<blocks, kThreads, 0, st>>>(gp, ld_g, yp, ld_y, idx, w, S, int(K), D, dp, ld_dy, dw);
+    launch(combine_backward_kernel<T, 1>, blocks, kThreads, st,
+           gp, ld_g, yp, ld_y, idx, w, S, int(K), D, dp, ld_dy, dw);
   return int(cudaGetLastError());
 }
 
@@ -465,11 +486,11 @@ int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, 
   const bool vec = V % 4 == 0 && ld % 4 == 0 && aligned16(logits) &&
                    (g == nullptr || (ld_grad % 4 == 0 && (reinterpret_cast<uintptr_t>(g) & 7) == 0));
   if (vec)
-    cross_entropy_rows_kernel<kRowThreads, true><<<unsigned(rows), kRowThreads, 0, st>>>(logits, ld, targets, V, g,
-                                                                                         ld_grad, loss);
+    launch(cross_entropy_rows_kernel<kRowThreads, true>, unsigned(rows), kRowThreads, st,
+           logits, ld, targets, V, g, ld_grad, loss);
   else
-    cross_entropy_rows_kernel<kRowThreads, false><<<unsigned(rows), kRowThreads, 0, st>>>(logits, ld, targets, V, g,
-                                                                                          ld_grad, loss);
+    launch(cross_entropy_rows_kernel<kRowThreads, false>, unsigned(rows), kRowThreads, st,
+           logits, ld, targets, V, g, ld_grad, loss);
   return int(cudaGetLastError());
 }
 
@@ -478,9 +499,9 @@ int sinkhorn(const float* Ct, int64_t T, int64_t E, float tol, int64_t max_iters
   auto st = static_cast<cudaStream_t>(stream);
   if (E < 1 || E > 64) return int(cudaErrorInvalidValue);
   if (E <= 32)
-    sinkhorn_kernel<32><<<1, kSinkhornThreads<32>, 0, st>>>(Ct, T, int(E), tol, max_iters, eps, d0, d1, stats);
+    launch(sinkhorn_kernel<32>, 1, kSinkhornThreads<32>, st, Ct, T, int(E), tol, max_iters, eps, d0, d1, stats);
   else
-    sinkhorn_kernel<64><<<1, kSinkhornThreads<64>, 0, st>>>(Ct, T, int(E), tol, max_iters, eps, d0, d1, stats);
+    launch(sinkhorn_kernel<64>, 1, kSinkhornThreads<64>, st, Ct, T, int(E), tol, max_iters, eps, d0, d1, stats);
   return int(cudaGetLastError());
 }
 
