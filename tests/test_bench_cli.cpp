@@ -137,6 +137,33 @@ TEST(BenchCli, ExpertGemmOptionIsCheckedAndReported) {
   EXPECT_EQ(j["expert_gemm"]["timed_grouped_calls"].get<int64_t>(), 0);
 }
 
+// --accum > 1 under bf16: the weights' bf16 copies are made once per step and
+// reused by its other micro-batches (model/weight_casts.h), reported in the
+// JSON; one micro-batch or MOECPT_CAST_CACHE=0 keeps nothing.
+TEST(BenchCli, WeightCastsAreKeptAcrossTheMicroBatchesOfAStep) {
+  const std::string cmd = "bench train --config " + kRecipes + "mini/switch-aux.toml" + kTiny +
+                          " --layers 1 --steps 2 --warmup 0 --batch 1 --threads 1 --peak-tflops 1 --dtype bfloat16"
+                          " --json";
+  auto cast_cache = [&](const std::string& extra) {
+    auto r = moecpt::testing::run_moecpt(cmd + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return r.exit_code == 0 ? nlohmann::json::parse(r.output)["cast_cache"] : nlohmann::json::object();
+  };
+  // 1 layer: attention qkv and out, the experts' w1, w3, w2; and the head: 6 casts a step
+  const auto kept = cast_cache(" --accum 3");
+  EXPECT_TRUE(kept["on"].get<bool>());
+  EXPECT_EQ(kept["misses"].get<int64_t>(), 2 * 6);      // made once in each of the 2 timed steps
+  EXPECT_EQ(kept["hits"].get<int64_t>(), 2 * 2 * 6);    // reused by the other 2 micro-batches
+  const auto single = cast_cache(" --accum 1");
+  EXPECT_FALSE(single["on"].get<bool>());
+  EXPECT_EQ(single["hits"].get<int64_t>(), 0);
+  setenv("MOECPT_CAST_CACHE", "0", 1);
+  const auto off = cast_cache(" --accum 3");
+  unsetenv("MOECPT_CAST_CACHE");
+  EXPECT_FALSE(off["on"].get<bool>());
+  EXPECT_EQ(off["hits"].get<int64_t>(), 0);
+}
+
 // The A/B switches of the kernels (MOECPT_FUSED_ROPE, MOECPT_MOE_COMBINE,
 // MOECPT_CUDA_KERNELS, MOECPT_QKV_LAYOUT) are reported in the JSON with the host's enqueue time,
 // and a bad value is refused by name. setenv reaches the child through popen.

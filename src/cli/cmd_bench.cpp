@@ -34,6 +34,7 @@
 #include "cli/commands.h"
 #include "core/config.h"
 #include "core/error.h"
+#include "model/weight_casts.h"
 #include "model/flops.h"
 #include "model/cuda_kernels.h"
 #include "model/fused_ce.h"
@@ -223,8 +224,13 @@ void run_bench_train(const BenchOptions& o) {
                               o.cuda_graph ? MicroStepGraphs::Mode::kGraph : MicroStepGraphs::Mode::kEager);
   // opt_s: when given, the device is synced before the clip and after AdamW and
   // the time between is written there (the optimizer's share, below).
+  // With --accum > 1 the weights' bf16 copies are made once per step (model/weight_casts.h).
+  const bool keep_casts = model::step_casts_wanted(accum, o.cuda_graph, model->activation_checkpointing() > 0);
   auto step = [&](double* opt_s = nullptr) {
-    for (int64_t a = 0; a < accum; ++a) loss = micro_steps.run(a == 0);
+    {
+      model::StepCasts step_casts(keep_casts);
+      for (int64_t a = 0; a < accum; ++a) loss = micro_steps.run(a == 0);
+    }
     std::chrono::steady_clock::time_point t_opt;
     if (opt_s) {
       sync(dev);
@@ -249,6 +255,7 @@ void run_bench_train(const BenchOptions& o) {
   }
   sync(dev);
   const auto calls_timed = model::expert_gemm_calls();
+  const auto casts_timed = model::cast_cache_counts();
   // wall clock; CPU time of this process (all threads); wall clock until step()
   // returns, before the device sync: on a GPU, the host's time to enqueue the
   // step (close to step_s: the host is the limit, or something syncs inside).
@@ -282,6 +289,7 @@ void run_bench_train(const BenchOptions& o) {
   const train::TimeSplit split = train::split_time(ops);
   const double final_loss = loss.item<double>();
   const auto calls_after = model::expert_gemm_calls();  // before the extra steps below
+  const auto casts_after = model::cast_cache_counts();
   // The optimizer's share (clip + AdamW), from two more steps with a device sync
   // around it (not in the timed steps above). A run with many micro-batches per
   // optimizer step (the paper's 1024 sequences are 128 micro-batches of 8) pays
@@ -371,6 +379,11 @@ void run_bench_train(const BenchOptions& o) {
       {"threads", threads},
       {"batch_sequences", B},
       {"accum_micro_batches", accum},
+      // weight casts kept across a step's micro-batches: hits and copies made in the timed steps
+      {"cast_cache",
+       {{"on", keep_casts},
+        {"hits", casts_after.hits - casts_timed.hits},
+        {"misses", casts_after.misses - casts_timed.misses}}},
       {"activation_checkpointing_every", model->activation_checkpointing()},
       {"residual_dtype", bf16_stream ? "bfloat16" : "float32"},
       {"optimizer", std::string("AdamW, ") + optimizer_path},
@@ -461,6 +474,11 @@ void run_bench_train(const BenchOptions& o) {
   if (o.cuda_graph)
     std::printf("  CUDA graphs: each micro-batch's forward + backward replayed (%lld graph(s), %lld replays)\n",
                 (long long)micro_steps.graphs_captured(), (long long)micro_steps.replays());
+  if (keep_casts)
+    std::printf("  weight casts: made once per step, kept across its %lld micro-batches (%lld reused, %lld made in the "
+                "timed steps; MOECPT_CAST_CACHE=0: per micro-batch)\n",
+                (long long)accum, (long long)(casts_after.hits - casts_timed.hits),
+                (long long)(casts_after.misses - casts_timed.misses));
   if (model->activation_checkpointing() > 0)
     std::printf("  activation checkpointing: every %lld-th block recomputed in the backward (not counted in MFU)\n",
                 (long long)model->activation_checkpointing());

@@ -7,6 +7,7 @@
 #include "model/cpu_parallel.h"
 #include "model/cuda_kernels.h"
 #include "model/torch_compat.h"
+#include "model/weight_casts.h"
 
 namespace moecpt::model {
 
@@ -264,8 +265,8 @@ torch::Tensor gated_mlp(const torch::Tensor& x_ND, const torch::Tensor& w1_HD, c
   const auto dt = compat::autocast_enabled(x.device()) ? torch::kBFloat16 : x.scalar_type();
   compat::NoAutocast no_autocast;
   auto counts = torch::full({1}, x.size(0), torch::kInt64);
-  auto y = expert_ffn_loop(x.to(dt), w1_HD.to(dt).t().unsqueeze(0), w3_HD.to(dt).t().unsqueeze(0),
-                           w2_DH.to(dt).t().unsqueeze(0), counts, act);
+  auto y = expert_ffn_loop(x.to(dt), cached_to(w1_HD, dt).t().unsqueeze(0), cached_to(w3_HD, dt).t().unsqueeze(0),
+                           cached_to(w2_DH, dt).t().unsqueeze(0), counts, act);
   auto shape = x_ND.sizes().vec();
   shape.back() = w2_DH.size(0);
   return y.view(shape);

@@ -9,6 +9,7 @@
 #include "model/cpu_parallel.h"
 #include "model/cuda_kernels.h"
 #include "model/torch_compat.h"
+#include "model/weight_casts.h"
 
 namespace moecpt::model {
 
@@ -65,7 +66,7 @@ class FusedLinearCrossEntropy : public torch::autograd::Function<FusedLinearCros
     compat::NoAutocast no_autocast;
     const auto acc = torch::promote_types(x_ND.scalar_type(), w_VD.scalar_type());  // fp32 or fp64
     const auto mm_dtype = low_precision ? torch::kBFloat16 : acc;
-    const auto x = x_ND.to(mm_dtype), w = w_VD.to(mm_dtype);
+    const auto x = x_ND.to(mm_dtype), w = cached_to(w_VD, mm_dtype);  // model/weight_casts.h
     const bool need_grad = ctx != nullptr && (x_ND.requires_grad() || w_VD.requires_grad());
 
     const int64_t n_chunks = (N + chunk_rows - 1) / chunk_rows;

@@ -9,6 +9,7 @@
 #include "model/grouped_gemm.h"
 #include "model/moe_expert_parallel.h"
 #include "model/moe_slots.h"
+#include "model/weight_casts.h"
 
 namespace moecpt::model {
 
@@ -97,10 +98,11 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
     // w1 and w3 as one [E, D, 2H] weight: one wider grouped GEMM forward, and
     // backward one for dx (no sum of two); the gated activation is one node
     // (model/expert_ffn.h: on CUDA one kernel each way).
-    auto w13 = concat_last_as(w1_EDH, w3_EDH, dt);  // cast into one buffer: no cat pass
+    // cast into one buffer (no cat pass), once per step with gradient accumulation (model/weight_casts.h)
+    auto w13 = cached_cast({w1_EDH, w3_EDH}, dt, [&] { return concat_last_as(w1_EDH, w3_EDH, dt); });
     auto h13 = at::_grouped_mm(x, w13, offs_E);
     ++g_grouped_calls;
-    return at::_grouped_mm(gated_activation(h13, act_kind_), w2_EHD.to(dt), offs_E);
+    return at::_grouped_mm(gated_activation(h13, act_kind_), cached_to(w2_EHD, dt), offs_E);
 #else
     throw Error("MOECPT_EXPERT_GEMM=grouped needs LibTorch >= 2.8 (at::_grouped_mm); this build has LibTorch " +
                 std::string(TORCH_VERSION));
@@ -113,7 +115,8 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x_SD,
   // autocast ops, so the autocast cast happens here, visible to autograd.
   auto counts_E = tokens_per_expert_E.to(torch::kCPU);
   compat::NoAutocast no_autocast;
-  return expert_ffn_loop(x_SD.to(dt), w1_EDH.to(dt), w3_EDH.to(dt), w2_EHD.to(dt), counts_E, act_kind_);
+  return expert_ffn_loop(x_SD.to(dt), cached_to(w1_EDH, dt), cached_to(w3_EDH, dt), cached_to(w2_EHD, dt), counts_E,
+                         act_kind_);
 }
 
 MoEImpl::MoEImpl(const ModelConfig& mc, const RouterConfig& rc, double out_std) {

@@ -2,6 +2,7 @@
 
 #include "model/cpu_parallel.h"
 #include "model/torch_compat.h"
+#include "model/weight_casts.h"
 
 namespace moecpt::model {
 
@@ -54,8 +55,11 @@ class ThreadedLinear : public torch::autograd::Function<ThreadedLinear> {
 }  // namespace
 
 torch::Tensor threaded_linear(const torch::Tensor& x_ND, const torch::Tensor& w_OD) {
-  if (!x_ND.is_cpu() || compat::autocast_enabled(x_ND.device()) || x_ND.scalar_type() != w_OD.scalar_type())
-    return torch::linear(x_ND, w_OD);
+  // Under autocast the weight's bf16 copy is the one autocast would make, kept
+  // for the step's micro-batches (model/weight_casts.h); autocast casts x.
+  if (compat::autocast_enabled(x_ND.device()) && w_OD.scalar_type() == torch::kFloat32)
+    return torch::linear(x_ND, cached_to(w_OD, torch::kBFloat16));
+  if (!x_ND.is_cpu() || x_ND.scalar_type() != w_OD.scalar_type()) return torch::linear(x_ND, w_OD);
   auto y = ThreadedLinear::apply(x_ND.reshape({-1, x_ND.size(-1)}), w_OD);
   auto shape = x_ND.sizes().vec();
   shape.back() = w_OD.size(0);

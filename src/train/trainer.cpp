@@ -20,6 +20,7 @@
 #include "model/moe_expert_parallel.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
+#include "model/weight_casts.h"
 #include "train/checkpoint.h"
 #include "train/cuda_graph.h"
 #include "train/distributed.h"
@@ -315,12 +316,15 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
   const int64_t flops_per_token = model::train_flops_per_token(cfg.model);
   const int64_t tokens_per_step = cfg.train.batch_size * cfg.model.seq_len;
   const int64_t n_micro = cfg.train.batch_size / micro;
+  // The weights' bf16 copies made once per step, not once per micro-batch (model/weight_casts.h).
+  const bool keep_casts = model::step_casts_wanted(n_micro, cfg.train.cuda_graph, cfg.train.recompute_every() > 0);
   const int64_t anneal_at = anneal_start_step(cfg.schedule, cfg.train.steps);
   log::info(cfg.run.name + ": " + std::to_string(params.total) + " params (" + std::to_string(params.active) +
             " active), " + std::to_string(cfg.train.steps) + " steps × " + std::to_string(tokens_per_step) +
             " tokens" + (n_micro > 1 ? " in " + std::to_string(n_micro) + " micro-batches" : "") + ", " +
             std::to_string(threads) + " threads, " + cfg.run.dtype +
-            (cfg.train.cuda_graph ? ", CUDA graphs" : ""));
+            (cfg.train.cuda_graph ? ", CUDA graphs" : "") +
+            (keep_casts && cfg.run.dtype == "bfloat16" ? ", weight casts kept across a step's micro-batches" : ""));
 
   // One micro-batch (train/cuda_graph.h): forward on mb_rows, backward of its
   // share of the batch loss; returns [lm, aux, z (each / n_micro), the slot
@@ -493,6 +497,8 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
     std::vector<torch::Tensor> counts;  // per MoE layer, summed over micro-batches (on the device)
     std::vector<torch::Tensor> sk_dev;  // Sinkhorn [iterations, error] per MoE layer (last micro-batch), on the device
     set_dp_sum(true);
+    std::optional<model::StepCasts> step_casts;
+    step_casts.emplace(keep_casts);
     for (int64_t mb = 0; mb < n_micro; ++mb) {
       auto rows = n_micro == 1 ? windows : windows.narrow(0, mb * micro, micro);
       // Data parallel: this rank's rows of the global micro-batch, strided
@@ -520,6 +526,7 @@ PhaseSummary train(const Config& cfg, const TrainOptions& opts) {
       sk_dev.clear();
       for (int64_t i = 0; i < layout.sinkhorn_layers; ++i, at += 2) sk_dev.push_back(res.narrow(0, at, 2));
     }
+    step_casts.reset();  // before the optimizer writes the weights
     set_dp_sum(false);
     // [lm, aux, z, (stop), counts of every MoE layer…] as one fp64 device vector.
     std::vector<torch::Tensor> parts{losses_dev};
