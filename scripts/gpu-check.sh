@@ -230,6 +230,8 @@ if [ "${AB:-0}" = 1 ]; then
   #     Granular with both kernels (the ATen Sinkhorn cannot be captured) and dense;
   #   - (session 11) q and k written seq-major (MOECPT_QKV_LAYOUT=seq_major), so
   #     cuDNN's attention output needs no copy for the out-projection (dense);
+  #   - (session 12) with --accum 4, the weights' bf16 copies kept across the
+  #     micro-batches of a step (default) vs made in each (MOECPT_CAST_CACHE=0);
   # then both together with 4 micro-batches per optimizer step (the optimizer's
   # share amortised, as the paper's 1024-sequence steps would run). (Session 8's
   # A/B, measured: MOECPT_CUDA_KERNELS=0, MOECPT_MOE_COMBINE=index_add,
@@ -251,6 +253,9 @@ if [ "${AB:-0}" = 1 ]; then
   done
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-accum4 90 bench train "${GG[@]}" \
     --accum 4
+  # (session 12) the same without the weight casts kept across micro-batches (on by default with --accum > 1)
+  [ "$(left)" -gt 150 ] && MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel MOECPT_CAST_CACHE=0 \
+    bench granular-both-kernels-accum4-no-cast-cache 90 bench train "${GG[@]}" --accum 4
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-profile 60 bench train --config $G \
     --device cuda --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
     --profile 60 --profile-shapes
