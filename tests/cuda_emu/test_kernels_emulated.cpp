@@ -488,6 +488,97 @@ TEST(CudaKernelsEmulated, MoESlotGathersMatchAnFp64Reference) {
     }
 }
 
+// ---- RMSNorm ---------------------------------------------------------------
+
+template <typename T>
+void check_rms_norm(int64_t rows, int64_t D, int64_t pad) {
+  SCOPED_TRACE(std::string(name_of<T>()) + " rows " + std::to_string(rows) + " D " + std::to_string(D) + " pad " +
+               std::to_string(pad));
+  std::mt19937 rng(uint32_t(rows * 31 + D));
+  const int64_t ld = D + pad, partials = mc::rms_norm_backward_partials(rows);
+  const float eps = 1e-5f;
+  Buf<T> x{size_t(rows * ld)}, y{size_t(rows * ld)}, dy{size_t(rows * ld)}, dx{size_t(rows * ld)};
+  Buf<float> w{size_t(D)}, rstd{size_t(std::max<int64_t>(rows, 1))}, dw_partial{size_t(partials * D)};
+  fill_normal(x.data(), x.size(), rng, 2.f);
+  fill_normal(dy.data(), dy.size(), rng);
+  std::normal_distribution<float> around_one(1.f, 0.3f);
+  for (int64_t j = 0; j < D; ++j) w[j] = around_one(rng);
+  ASSERT_EQ(mc::rms_norm_forward(dtype_of<T>(), x.data(), ld, w.data(), rows, D, eps, y.data(), ld, rstd.data(),
+                                 nullptr),
+            0);
+  std::vector<std::vector<T>> dxs;
+  std::vector<std::vector<float>> dws;
+  in_both_orders([&](cuda_emu::Order) {
+    ASSERT_EQ(mc::rms_norm_backward(dtype_of<T>(), x.data(), ld, w.data(), rstd.data(), dy.data(), ld, rows, D,
+                                    dx.data(), ld, dw_partial.data(), nullptr),
+              0);
+    dxs.emplace_back(dx.data(), dx.data() + dx.size());
+    dws.emplace_back(dw_partial.data(), dw_partial.data() + dw_partial.size());
+  });
+  ASSERT_EQ(0, std::memcmp(dxs[0].data(), dxs[1].data(), dxs[0].size() * sizeof(T)));
+  ASSERT_EQ(0, std::memcmp(dws[0].data(), dws[1].data(), dws[0].size() * sizeof(float)));
+
+  std::vector<double> gy, ry, sy, grs, rrs, srs, gdx, rdx, sdx, gdw, rdw, sdw;
+  std::vector<double> dw_ref(size_t(D), 0.0), dw_mag(size_t(D), 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t j = 0; j < D; ++j) ss += to_d(x[r * ld + j]) * to_d(x[r * ld + j]);
+    const double rs = 1 / std::sqrt(ss / double(D) + eps);
+    grs.push_back(rstd[r]), rrs.push_back(rs), srs.push_back(rs);
+    double dot = 0, dot_mag = 0;
+    for (int64_t j = 0; j < D; ++j) {
+      const double xj = to_d(x[r * ld + j]), gj = to_d(dy[r * ld + j]), wj = w[j];
+      gy.push_back(to_d(y[r * ld + j])), ry.push_back(xj * rs * wj), sy.push_back(std::fabs(xj * rs * wj));
+      dot += gj * wj * xj, dot_mag += std::fabs(gj * wj * xj);
+      dw_ref[size_t(j)] += gj * xj * rs, dw_mag[size_t(j)] += std::fabs(gj * xj * rs);
+    }
+    const double c = rs * rs * rs / double(D);
+    for (int64_t j = 0; j < D; ++j) {
+      const double xj = to_d(x[r * ld + j]), gj = to_d(dy[r * ld + j]), wj = w[j];
+      gdx.push_back(to_d(dx[r * ld + j])), rdx.push_back(rs * wj * gj - c * dot * xj);
+      sdx.push_back(std::fabs(rs * wj * gj) + c * dot_mag * std::fabs(xj));
+    }
+    if (pad > 0) {
+      EXPECT_TRUE(is_nan_bits(&y[r * ld + D], size_t(pad) * sizeof(T))) << "row " << r;
+      EXPECT_TRUE(is_nan_bits(&dx[r * ld + D], size_t(pad) * sizeof(T))) << "row " << r;
+    }
+  }
+  for (int64_t j = 0; j < D; ++j) {
+    double sum = 0;
+    for (int64_t p = 0; p < partials; ++p) sum += dw_partial[size_t(p * D + j)];
+    gdw.push_back(sum), rdw.push_back(dw_ref[size_t(j)]), sdw.push_back(dw_mag[size_t(j)]);
+  }
+  EXPECT_TRUE(all_close(grs, rrs, srs, 1e-6, 0, "rstd"));
+  EXPECT_TRUE(all_close(gy, ry, sy, rel_tol<T>(), 1e-30, "y"));
+  EXPECT_TRUE(all_close(gdx, rdx, sdx, rel_tol<T>() + 1e-6, 1e-30, "dx"));
+  EXPECT_TRUE(all_close(gdw, rdw, sdw, 1e-5, 1e-30, "dw (fp32 sums)"));
+}
+
+TEST(CudaKernelsEmulated, RmsNormMatchesAnFp64Reference) {
+  check_rms_norm<float>(37, 128, 4);   // vectors of 4, one pass of a warp
+  check_rms_norm<float>(37, 130, 0);   // scalar
+  check_rms_norm<float>(9, 2048, 0);   // the widest, 16 vectors per lane
+  check_rms_norm<bf16>(37, 128, 8);    // vectors of 8
+  check_rms_norm<bf16>(20, 1500, 0);   // scalar, the 2048-wide variant
+  check_rms_norm<float>(100, 64, 0);   // more rows than partial sums: several rows per warp
+}
+
+TEST(CudaKernelsEmulated, RmsNormBackwardRefusesRowsWiderThanItsRegisters) {
+  std::vector<float> d(4);
+  EXPECT_EQ(mc::rms_norm_backward(mc::DType::kFloat32, d.data(), mc::kRmsNormMaxD + 1, d.data(), d.data(), d.data(),
+                                  mc::kRmsNormMaxD + 1, 1, mc::kRmsNormMaxD + 1, d.data(), mc::kRmsNormMaxD + 1,
+                                  d.data(), nullptr),
+            int(cudaErrorInvalidValue));
+  // no rows: the weight gradient's one partial row is zeros
+  Buf<float> w{8}, partial{8};
+  for (int j = 0; j < 8; ++j) w[size_t(j)] = 1.f;
+  ASSERT_EQ(mc::rms_norm_backward_partials(0), 1);
+  ASSERT_EQ(mc::rms_norm_backward(mc::DType::kFloat32, w.data(), 8, w.data(), w.data(), w.data(), 8, 0, 8, w.data(),
+                                  8, partial.data(), nullptr),
+            0);
+  for (int j = 0; j < 8; ++j) EXPECT_EQ(partial[size_t(j)], 0.f);
+}
+
 // ---- Sinkhorn --------------------------------------------------------------
 
 struct SinkhornRef {

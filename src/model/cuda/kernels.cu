@@ -357,6 +357,107 @@ __global__ void __launch_bounds__(kSinkhornThreads<EMAX>)
   if (tid == 0) stats[0] = float(it), stats[1] = err;
 }
 
+// RMSNorm forward: one warp per row (grid-stride over rows). The lanes sum
+// the squares, a shuffle reduction gives every lane r, and a second read of
+// the row (from L1) writes y.
+template <typename T, int V>
+__global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ w,
+                                        int64_t rows, int64_t D, float eps, T* __restrict__ y, int64_t ld_y,
+                                        float* __restrict__ rstd) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
+    const T* xr = x + r * ld_x;
+    float ss = 0.f;
+    for (int64_t j = int64_t(lane) * V; j < D; j += 32 * V) {
+      const auto v = load<T, V>(xr + j);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float f = to_f(v.v[k]);
+        ss += f * f;
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const float rs = 1.f / sqrtf(ss / float(D) + eps);
+    if (lane == 0) rstd[r] = rs;
+    T* yr = y + r * ld_y;
+    for (int64_t j = int64_t(lane) * V; j < D; j += 32 * V) {
+      const auto v = load<T, V>(xr + j);
+      Pack<T, V> o;
+#pragma unroll
+      for (int k = 0; k < V; ++k) o.v[k] = from_f<T>(to_f(v.v[k]) * rs * w[j + k]);
+      store<T, V>(yr + j, o);
+    }
+  }
+}
+
+// RMSNorm backward: warp `warp` < n_partial takes rows [warp·per, (warp+1)·per)
+// in turn: per row a dot product Σ dy·w·x (shuffle-reduced), then dx; the
+// weight gradient's terms dy·x·r for the lane's columns stay in registers
+// (column j = (i·32 + lane)·V + k, D ≤ MAXD) and are written once, as the
+// warp's row of dw_partial.
+template <typename T, int V, int MAXD>
+__global__ void __launch_bounds__(256)
+    rms_norm_backward_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ w,
+                             const float* __restrict__ rstd, const T* __restrict__ dy, int64_t ld_dy, int64_t rows,
+                             int64_t D, int64_t per, int64_t n_partial, T* __restrict__ dx, int64_t ld_dx,
+                             float* __restrict__ dw_partial) {
+  constexpr int kVecs = MAXD / (32 * V);
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (warp >= n_partial) return;  // the whole warp
+  float acc[kVecs][V];
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i)
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc[i][k] = 0.f;
+  const float inv_d = 1.f / float(D);
+  const int64_t r_end = (warp + 1) * per < rows ? (warp + 1) * per : rows;
+  for (int64_t r = warp * per; r < r_end; ++r) {
+    const T* xr = x + r * ld_x;
+    const T* gr = dy + r * ld_dy;
+    const float rs = rstd[r];
+    float dot = 0.f;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int64_t j = (int64_t(i) * 32 + lane) * V;
+      if (j < D) {
+        const auto xv = load<T, V>(xr + j), gv = load<T, V>(gr + j);
+#pragma unroll
+        for (int k = 0; k < V; ++k) dot += to_f(gv.v[k]) * w[j + k] * to_f(xv.v[k]);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    const float c = rs * rs * rs * inv_d * dot;
+    T* dr = dx + r * ld_dx;
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int64_t j = (int64_t(i) * 32 + lane) * V;
+      if (j < D) {
+        const auto xv = load<T, V>(xr + j), gv = load<T, V>(gr + j);
+        Pack<T, V> o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float xk = to_f(xv.v[k]), gk = to_f(gv.v[k]);
+          o.v[k] = from_f<T>(rs * w[j + k] * gk - c * xk);
+          acc[i][k] += gk * xk * rs;
+        }
+        store<T, V>(dr + j, o);
+      }
+    }
+  }
+  float* p = dw_partial + warp * D;
+#pragma unroll
+  for (int i = 0; i < kVecs; ++i) {
+    const int64_t j = (int64_t(i) * 32 + lane) * V;
+    if (j < D)
+#pragma unroll
+      for (int k = 0; k < V; ++k) p[j + k] = acc[i][k];
+  }
+}
+
 constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t total) {
@@ -474,7 +575,70 @@ int combine_backward_t(const void* g, int64_t ld_g, const void* y, int64_t ld_y,
   return int(cudaGetLastError());
 }
 
+template <typename T>
+int rms_norm_forward_t(const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps, void* y,
+                       int64_t ld_y, float* rstd, cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  if (rows == 0 || D == 0) return 0;
+  const bool vec = vectorizable<V>({D, ld_x, ld_y}, {x, y});
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  const auto blocks =
+      unsigned(std::max<int64_t>(1, std::min<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1 << 16)));
+  const auto* xp = static_cast<const T*>(x);
+  auto* yp = static_cast<T*>(y);
+  if (vec) launch(rms_norm_forward_kernel<T, V>, blocks, kThreads, st, xp, ld_x, w, rows, D, eps, yp, ld_y, rstd);
+  else launch(rms_norm_forward_kernel<T, 1>, blocks, kThreads, st, xp, ld_x, w, rows, D, eps, yp, ld_y, rstd);
+  return int(cudaGetLastError());
+}
+
+template <typename T, int V>
+int rms_norm_backward_v(const T* x, int64_t ld_x, const float* w, const float* rstd, const T* dy, int64_t ld_dy,
+                        int64_t rows, int64_t D, T* dx, int64_t ld_dx, float* dw_partial, cudaStream_t st) {
+  const int64_t partials = rms_norm_backward_partials(rows), per = (rows + partials - 1) / partials;
+  constexpr int kWarpsPerBlock = kThreads / 32;
+  const auto blocks = unsigned((partials + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  if (D <= 1024)
+    launch(rms_norm_backward_kernel<T, V, 1024>, blocks, kThreads, st,
+           x, ld_x, w, rstd, dy, ld_dy, rows, D, per, partials, dx, ld_dx, dw_partial);
+  else
+    launch(rms_norm_backward_kernel<T, V, 2048>, blocks, kThreads, st,
+           x, ld_x, w, rstd, dy, ld_dy, rows, D, per, partials, dx, ld_dx, dw_partial);
+  return int(cudaGetLastError());
+}
+
+template <typename T>
+int rms_norm_backward_t(const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
+                        int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
+                        cudaStream_t st) {
+  constexpr int V = 16 / sizeof(T);
+  if (D == 0) return 0;
+  if (D > kRmsNormMaxD) return int(cudaErrorInvalidValue);
+  const bool vec = vectorizable<V>({D, ld_x, ld_dy, ld_dx}, {x, dy, dx});
+  const auto *xp = static_cast<const T*>(x), *gp = static_cast<const T*>(dy);
+  auto* dp = static_cast<T*>(dx);
+  return vec ? rms_norm_backward_v<T, V>(xp, ld_x, w, rstd, gp, ld_dy, rows, D, dp, ld_dx, dw_partial, st)
+             : rms_norm_backward_v<T, 1>(xp, ld_x, w, rstd, gp, ld_dy, rows, D, dp, ld_dx, dw_partial, st);
+}
+
 }  // namespace
+
+int64_t rms_norm_backward_partials(int64_t rows) { return std::clamp<int64_t>((rows + 7) / 8, 1, 2048); }
+
+int rms_norm_forward(DType dt, const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps,
+                     void* y, int64_t ld_y, float* rstd, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  return dt == DType::kBFloat16 ? rms_norm_forward_t<__nv_bfloat16>(x, ld_x, w, rows, D, eps, y, ld_y, rstd, st)
+                                : rms_norm_forward_t<float>(x, ld_x, w, rows, D, eps, y, ld_y, rstd, st);
+}
+
+int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
+                      int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
+                      void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  return dt == DType::kBFloat16
+             ? rms_norm_backward_t<__nv_bfloat16>(x, ld_x, w, rstd, dy, ld_dy, rows, D, dx, ld_dx, dw_partial, st)
+             : rms_norm_backward_t<float>(x, ld_x, w, rstd, dy, ld_dy, rows, D, dx, ld_dx, dw_partial, st);
+}
 
 int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,
                        void* grad_bf16, int64_t ld_grad, float* loss, void* stream) {

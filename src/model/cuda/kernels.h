@@ -65,4 +65,23 @@ int combine_backward(DType dt, const void* g, int64_t ld_g, const void* y, int64
 int sinkhorn(const float* Ct, int64_t T, int64_t E, float tol, int64_t max_iters, float eps, float* d0, float* d1,
              float* stats, void* stream);
 
+// RMSNorm of rows of x [rows, D] (dtype dt, row stride ld_x) with the fp32
+// weight w [D]:  r = 1 / sqrt(mean_j x_j² + eps),  y_j = x_j · r · w_j  (fp32
+// maths, one rounding to dt); writes y (row stride ld_y) and r into rstd [rows].
+// One warp per row.
+int rms_norm_forward(DType dt, const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps,
+                     void* y, int64_t ld_y, float* rstd, void* stream);
+
+// Its backward from dy (dt, row stride ld_dy) and the forward's rstd:
+//   dx_k = r · w_k · dy_k − (r³ · x_k / D) · Σ_j dy_j · w_j · x_j     (dt, row stride ld_dx)
+// and the weight's gradient Σ_rows dy_j · x_j · r in `partials` partial sums:
+// dw_partial [partials, D] fp32, to be summed over its first dim. Each warp
+// takes a contiguous run of rows and keeps its columns' sums in registers:
+// D ≤ kRmsNormMaxD. partials = rms_norm_backward_partials(rows).
+constexpr int64_t kRmsNormMaxD = 2048;
+int64_t rms_norm_backward_partials(int64_t rows);
+int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
+                      int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
+                      void* stream);
+
 }  // namespace moecpt::cuda
