@@ -153,7 +153,8 @@ elif "tokens_per_s" in r:
           + (f" ({100*r['mfu_without_optimizer']:.1f}% without the optimizer's "
              f"{r['optimizer_ms']['median']:.1f} ms)" if r.get('mfu_without_optimizer') else "")
           + f"; experts {e.get('path')}, combine {r.get('moe_combine')}, sinkhorn kernel {r.get('sinkhorn_kernel')}, "
-          f"graph {r.get('cuda_graph', {}).get('enabled')}, q/k {r.get('qkv_layout')}; "
+          f"graph {r.get('cuda_graph', {}).get('enabled')}, q/k {r.get('qkv_layout')}, "
+          f"rmsnorm {r.get('rms_norm')}, cast cache {r.get('cast_cache', {}).get('on')}; "
           f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
     print(json.dumps(r, indent=1), file=sys.stderr)
@@ -230,6 +231,8 @@ if [ "${AB:-0}" = 1 ]; then
   #     Granular with both kernels (the ATen Sinkhorn cannot be captured) and dense;
   #   - (session 11) q and k written seq-major (MOECPT_QKV_LAYOUT=seq_major), so
   #     cuDNN's attention output needs no copy for the out-projection (dense);
+  #   - (session 12) RMSNorm as moecpt's kernels (MOECPT_RMSNORM_KERNEL=1), dense
+  #     and Granular with the other two kernels;
   #   - (session 12) with --accum 4, the weights' bf16 copies kept across the
   #     micro-batches of a step (default) vs made in each (MOECPT_CAST_CACHE=0);
   # then both together with 4 micro-batches per optimizer step (the optimizer's
@@ -250,6 +253,10 @@ if [ "${AB:-0}" = 1 ]; then
     [ "$round" = 1 ] && bench dense-$round 45 bench train --config $D "${COMMON[@]}"
     [ "$round" = 1 ] && bench dense-graph-$round 60 bench train --config $D "${COMMON[@]}" --cuda-graph
     [ "$round" = 1 ] && MOECPT_QKV_LAYOUT=seq_major bench dense-seq-qkv-$round 45 bench train --config $D "${COMMON[@]}"
+    [ "$round" = 1 ] && MOECPT_RMSNORM_KERNEL=1 bench dense-rmsnorm-kernel-$round 45 bench train --config $D \
+      "${COMMON[@]}"
+    [ "$round" = 1 ] && MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel MOECPT_RMSNORM_KERNEL=1 \
+      bench granular-three-kernels-$round 60 bench train "${GG[@]}"
   done
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-accum4 90 bench train "${GG[@]}" \
     --accum 4

@@ -13,6 +13,8 @@
 #include "model/cuda_kernels.h"
 #include "model/expert_ffn.h"
 #include "model/moe_slots.h"
+#include "model/norm.h"
+#include "model/rms_norm.h"
 #include "model/rotary_qkv.h"
 #include "model/router_sinkhorn.h"
 
@@ -112,6 +114,46 @@ TEST(CudaKernels, AreNotUsedForCpuTensorsAndCheckTheirInputs) {
   EXPECT_FALSE(use_cuda_kernels(h13));
   auto a = torch::empty({3, 4});
   expect_error_containing([&] { cuda_gated_forward(h13, 4, GatedActivation::kGelu, a); }, "CUDA tensors");
+}
+
+// RMSNorm (model/rms_norm.h): off CUDA the norms run ATen's op whatever the
+// switch says, and the kernel path refuses CPU tensors by name.
+TEST(RmsNorm, CpuRunsAtenAndTheKernelPathRefusesCpuTensors) {
+  torch::manual_seed(2);
+  auto x = torch::randn({2, 5, 16}), w = torch::randn({16});
+  EXPECT_FALSE(use_rms_norm_kernel(x, w));
+  EXPECT_TRUE(torch::equal(rms_norm(x, w, 1e-5), compat::rms_norm(x, w, 1e-5)));
+  Norm norm("rmsnorm", 16, 1e-5);
+  EXPECT_TRUE(torch::equal(norm(x), compat::rms_norm(x, norm->weight_D, 1e-5)));
+  expect_error_containing([&] { rms_norm_kernel(x, w, 1e-5); },
+                          "rms_norm_kernel: needs an fp32 or bf16 CUDA tensor");
+}
+
+// The kernels' forward and gradients (x and w) against ATen's RMSNorm in fp64,
+// through autograd; strided rows come in as a view of a wider tensor.
+TEST(CudaKernels, RmsNormMatchesAnFp64ReferenceOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(6);
+  const int64_t shapes[][3] = {{2, 37, 1024}, {3, 5, 1001}, {1, 9, 2048}, {4, 3, 96}};  // B, T, D
+  for (auto dt : {torch::kFloat32, torch::kBFloat16})
+    for (const auto& sh : shapes) {
+      const std::string what = std::string(dt == torch::kBFloat16 ? "bf16" : "fp32") + " D " + std::to_string(sh[2]);
+      auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dt);
+      auto x = (torch::randn({sh[0], sh[1], sh[2] + 8}, opts) * 2).narrow(2, 0, sh[2]).detach().requires_grad_(true);
+      auto w = (1 + 0.3 * torch::randn({sh[2]}, opts.dtype(torch::kFloat32))).requires_grad_(true);
+      auto dy = torch::randn({sh[0], sh[1], sh[2]}, opts);
+      auto y = rms_norm_kernel(x, w, 1e-5);
+      EXPECT_EQ(y.scalar_type(), dt) << what;
+      y.backward(dy);
+      auto x64 = x.detach().to(torch::kCPU, torch::kFloat64).requires_grad_(true);
+      auto w64 = w.detach().to(torch::kCPU, torch::kFloat64).requires_grad_(true);
+      auto y64 = compat::rms_norm(x64, w64, 1e-5);
+      y64.backward(dy.to(torch::kCPU, torch::kFloat64));
+      const double tol = dt == torch::kBFloat16 ? std::ldexp(1.0, -7) : 1e-5;
+      EXPECT_LT(rel_err(y, y64), tol) << what;
+      EXPECT_LT(rel_err(x.grad(), x64.grad()), tol) << what << " dx";
+      EXPECT_LT(rel_err(w.grad(), w64.grad()), dt == torch::kBFloat16 ? 1e-2 : 1e-5) << what << " dw";
+    }
 }
 
 TEST(CudaKernels, GatedActivationMatchesAnFp64ReferenceOnAGpu) {

@@ -34,6 +34,7 @@
 #include "cli/commands.h"
 #include "core/config.h"
 #include "core/error.h"
+#include "model/rms_norm.h"
 #include "model/weight_casts.h"
 #include "model/flops.h"
 #include "model/cuda_kernels.h"
@@ -318,6 +319,12 @@ void run_bench_train(const BenchOptions& o) {
   model::sinkhorn_kernel_requested();  // read here too: a bad MOECPT_SINKHORN_KERNEL is an error on any machine
   const bool sinkhorn_kernel = mc.ffn == "moe" && cfg.router.type == "sinkhorn" &&
                                model::use_sinkhorn_kernel(dev, mc.n_experts);  // MOECPT_SINKHORN_KERNEL=1
+  // The norms' path, by the rule the norms use, asked with a row of the residual stream.
+  const bool rms_norm_kernel =
+      mc.norm == "rmsnorm" &&
+      model::use_rms_norm_kernel(torch::empty({1, mc.d_model}, torch::TensorOptions().device(dev).dtype(
+                                                                  bf16_stream ? torch::kBFloat16 : torch::kFloat32)),
+                                 model->final_norm->weight_D);  // MOECPT_RMSNORM_KERNEL=1
   // MOECPT_MOE_COMBINE, as it applies to this device and dtype ("kernel" only on CUDA)
   const std::string moe_combine =
       mc.ffn != "moe" ? "none"
@@ -392,6 +399,7 @@ void run_bench_train(const BenchOptions& o) {
       {"moe_combine", moe_combine},
       {"cuda_kernels", cuda_kernels},
       {"sinkhorn_kernel", sinkhorn_kernel},
+      {"rms_norm", mc.norm != "rmsnorm" ? "none (layernorm)" : rms_norm_kernel ? "kernel" : "aten"},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
@@ -470,6 +478,7 @@ void run_bench_train(const BenchOptions& o) {
                 : model::cuda_kernels_compiled() ? "off (MOECPT_CUDA_KERNELS=0)"
                                            : "not built (-DMOECPT_CUDA_KERNELS=ON)");
   if (sinkhorn_kernel) std::printf("  Sinkhorn: one CUDA kernel, stopping test on the device (MOECPT_SINKHORN_KERNEL=1)\n");
+  if (rms_norm_kernel) std::printf("  RMSNorm: moecpt's CUDA kernels (MOECPT_RMSNORM_KERNEL=1)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
   if (o.cuda_graph)
     std::printf("  CUDA graphs: each micro-batch's forward + backward replayed (%lld graph(s), %lld replays)\n",

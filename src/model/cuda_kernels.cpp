@@ -212,6 +212,73 @@ void cuda_combine_backward(const torch::Tensor& g_TD, const torch::Tensor& y_SD,
 #endif
 }
 
+int64_t cuda_rms_norm_max_width() {
+#ifdef MOECPT_CUDA_KERNELS
+  return cuda::kRmsNormMaxD;
+#else
+  return 0;
+#endif
+}
+
+namespace {
+
+void check_rms_norm_args(const torch::Tensor& x_ND, const torch::Tensor& w_D, const torch::Tensor& rstd_N,
+                         const char* what) {
+  if (!x_ND.is_cuda() || x_ND.dim() != 2) throw Error(std::string(what) + ": x must be a CUDA [rows, D] tensor");
+  const int64_t N = x_ND.size(0), D = x_ND.size(1);
+  check_rows(x_ND, N, D, what);
+  if (D > cuda_rms_norm_max_width())
+    throw Error(std::string(what) + ": rows of " + std::to_string(D) + " are wider than the kernel's " +
+                std::to_string(cuda_rms_norm_max_width()));
+  if (w_D.device() != x_ND.device() || w_D.scalar_type() != torch::kFloat32 || w_D.numel() != D ||
+      !w_D.is_contiguous())
+    throw Error(std::string(what) + ": the weight must be contiguous fp32 [" + std::to_string(D) +
+                "] on x's device");
+  if (rstd_N.device() != x_ND.device() || rstd_N.scalar_type() != torch::kFloat32 || rstd_N.numel() != N ||
+      !rstd_N.is_contiguous())
+    throw Error(std::string(what) + ": rstd must be contiguous fp32 [" + std::to_string(N) + "] on x's device");
+}
+
+}  // namespace
+
+void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
+                           const torch::Tensor& rstd_N) {
+  check_rms_norm_args(x_ND, w_D, rstd_N, "cuda_rms_norm_forward");
+  check_same(x_ND, y_ND, "cuda_rms_norm_forward");
+  check_rows(y_ND, x_ND.size(0), x_ND.size(1), "cuda_rms_norm_forward (y)");
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::rms_norm_forward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
+                                      x_ND.size(0), x_ND.size(1), float(eps), y_ND.data_ptr(), y_ND.stride(0),
+                                      rstd_N.data_ptr<float>(), current_stream(x_ND)),
+               "rms_norm_forward");
+#else
+  (void)eps;
+  not_built();
+#endif
+}
+
+torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Tensor& w_D, const torch::Tensor& rstd_N,
+                                     const torch::Tensor& dy_ND, const torch::Tensor& dx_ND) {
+  check_rms_norm_args(x_ND, w_D, rstd_N, "cuda_rms_norm_backward");
+  check_same(x_ND, dy_ND, "cuda_rms_norm_backward");
+  check_same(x_ND, dx_ND, "cuda_rms_norm_backward");
+  const int64_t N = x_ND.size(0), D = x_ND.size(1);
+  check_rows(dy_ND, N, D, "cuda_rms_norm_backward (dy)");
+  check_rows(dx_ND, N, D, "cuda_rms_norm_backward (dx)");
+#ifdef MOECPT_CUDA_KERNELS
+  auto partial = torch::empty({cuda::rms_norm_backward_partials(N), D}, w_D.options());
+  check_launch(cuda::rms_norm_backward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
+                                       rstd_N.data_ptr<float>(), dy_ND.data_ptr(), dy_ND.stride(0), N, D,
+                                       dx_ND.data_ptr(), dx_ND.stride(0), partial.data_ptr<float>(),
+                                       current_stream(x_ND)),
+               "rms_norm_backward");
+  return partial.sum(0);
+#else
+  (void)N, (void)D;
+  not_built();
+#endif
+}
+
 CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t max_iters, double eps) {
   if (!C_TE.is_cuda() || C_TE.scalar_type() != torch::kFloat32 || C_TE.dim() != 2 || !C_TE.is_contiguous() ||
       C_TE.size(1) < 1 || C_TE.size(1) > 64)

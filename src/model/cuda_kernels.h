@@ -46,6 +46,16 @@ void cuda_gather_sum_rows(const torch::Tensor& src_SD, const torch::Tensor& idx_
 void cuda_combine_backward(const torch::Tensor& g_TD, const torch::Tensor& y_SD, const torch::Tensor& idx_S,
                            const torch::Tensor& w_TK, const torch::Tensor& dy_SD, const torch::Tensor& dw_TK);
 
+// RMSNorm of rows (model/rms_norm.h): x_ND fp32/bf16 CUDA [rows, D] with
+// contiguous rows, w fp32 [D] (D ≤ cuda_rms_norm_max_width()); writes y_ND
+// (x's dtype and shape) and rstd_N fp32 [rows] (1 / sqrt(mean x² + eps)).
+int64_t cuda_rms_norm_max_width();
+void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
+                           const torch::Tensor& rstd_N);
+// Its backward from dy_ND (x's dtype): writes dx_ND, returns dw fp32 [D].
+torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Tensor& w_D, const torch::Tensor& rstd_N,
+                                     const torch::Tensor& dy_ND, const torch::Tensor& dx_ND);
+
 // Sinkhorn balancing of C [T, E] (fp32 CUDA, contiguous, 1 ≤ E ≤ 64) in one
 // kernel with its stopping test on the device (no host read): d0 [T], d1 [E]
 // and stats [2] = (iterations, final mean |d1 − d1_prev|), fp32 on the device.

@@ -3,6 +3,7 @@
 #pragma once
 #include "core/error.h"
 #include "core/pch.h"
+#include "model/rms_norm.h"
 #include "model/torch_compat.h"
 
 namespace moecpt::model {
@@ -16,7 +17,7 @@ class NormImpl : public torch::nn::Module {
     if (kind == "layernorm") bias_D = register_parameter("bias", torch::zeros({d_model}));
   }
   torch::Tensor forward(const torch::Tensor& x_BTD) {
-    if (!bias_D.defined()) return compat::rms_norm(x_BTD, weight_D, eps_);
+    if (!bias_D.defined()) return rms_norm(x_BTD, weight_D, eps_);  // model/rms_norm.h
     // In fp32 (LibTorch 1.13's CPU kernel wants x and the weights in one dtype),
     // back in the stream's dtype (bf16 with run.residual_dtype = "bfloat16").
     return torch::layer_norm(x_BTD.to(weight_D.scalar_type()), {weight_D.size(0)}, weight_D, bias_D, eps_)
