@@ -10,6 +10,7 @@
 
 #include "core/config.h"
 #include "expect_error.h"
+#include "model/expert_ffn.h"
 #include "model/fused_ce.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
@@ -80,6 +81,22 @@ TEST(WeightCasts, GradientsThroughAReusedCastAddUpAsThroughSeparateCasts) {
   };
   const auto separate = two_passes(false), reused = two_passes(true);
   EXPECT_TRUE(torch::equal(separate, reused));
+  // the grouped experts' w1 | w3 copy (concat_last_as, a custom autograd node) reused the same way
+  auto q = torch::randn({5, 2}, torch::kFloat32).requires_grad_(true);
+  auto concat_passes = [&](bool scope_on) {
+    p.mutable_grad() = torch::Tensor();
+    q.mutable_grad() = torch::Tensor();
+    StepCasts scope(scope_on);
+    for (const auto& x : {x1, x2}) {
+      auto w = cached_cast({p, q}, torch::kFloat64, [&] { return concat_last_as(p, q, torch::kFloat64); });
+      (x.mm(w).sin().sum()).backward();
+    }
+    return std::make_pair(p.grad().clone(), q.grad().clone());
+  };
+  const auto c_sep = concat_passes(false), c_kept = concat_passes(true);
+  EXPECT_TRUE(torch::equal(c_sep.first, c_kept.first));
+  EXPECT_TRUE(torch::equal(c_sep.second, c_kept.second));
+  EXPECT_GT(c_kept.second.abs().sum().item<double>(), 0.0);
   // and both equal the analytic sum of the two micro-batches' gradients
   auto pd = p.detach().to(torch::kFloat64);
   auto g = [&](const torch::Tensor& x) { return x.t().mm(1 - x.mm(pd).tanh().pow(2)); };

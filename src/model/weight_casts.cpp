@@ -62,10 +62,12 @@ bool step_casts_wanted(int64_t micro_batches, bool cuda_graph, bool activation_c
 torch::Tensor cached_cast(std::initializer_list<torch::Tensor> keys, torch::ScalarType dtype,
                           const std::function<torch::Tensor()>& make) {
   auto& c = cache();
+  bool open = false;
   {
     std::lock_guard<std::mutex> lock(c.mu);
-    if (c.open == 0) return make();
+    open = c.open > 0;
   }
+  if (!open) return make();
   Key key{{}, int(dtype), torch::GradMode::is_enabled()};
   std::vector<int64_t> versions;
   for (const auto& k : keys) {
