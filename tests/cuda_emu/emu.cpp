@@ -10,6 +10,7 @@
 #include <exception>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -91,7 +92,9 @@ void fiber_entry() {
 void yield_to_scheduler(Fiber& f) { swapcontext(&f.ctx, &state().scheduler); }
 
 [[noreturn]] void fail(const std::string& what) {
-  throw std::runtime_error("cuda_emu: block " + std::to_string(state().block.x) + ": " + what);
+  std::ostringstream msg;
+  msg << "cuda_emu: block " << state().block.x << ": " << what;
+  throw std::runtime_error(msg.str());
 }
 
 // Releases every warp whose lanes all wait at a shuffle; a warp with only some
@@ -106,23 +109,33 @@ bool release_shuffles(unsigned n) {
     for (unsigned l = 0; l < lanes; ++l)
       if (s.fibers[w0 + l]->wait == Wait::kShuffle) ++at, line = s.fibers[w0 + l]->line;
     if (at == 0) continue;
-    const std::string where = "warp " + std::to_string(w0 / kWarp) + ", shuffle on line " + std::to_string(line);
-    if (lanes != kWarp) fail(where + ": the block's " + std::to_string(n) + " threads are not whole warps");
+    std::ostringstream where;
+    where << "warp " << w0 / kWarp << ", shuffle on line " << line << ": ";
+    if (lanes != kWarp) {
+      where << "the block's " << n << " threads are not whole warps";
+      fail(where.str());
+    }
     if (at != lanes) {
-      std::string others;
-      for (unsigned l = 0; l < lanes; ++l) {
+      where << "only " << at << " of 32 lanes reach a full-mask shuffle (";
+      for (unsigned l = lanes; l-- > 0;) {  // the last lane not at the shuffle
         const Fiber& f = *s.fibers[w0 + l];
-        if (f.wait == Wait::kDone) others = "lane " + std::to_string(l) + " has returned";
-        else if (f.wait == Wait::kBarrier)
-          others = "lane " + std::to_string(l) + " waits at __syncthreads on line " + std::to_string(f.line);
+        if (f.wait == Wait::kDone) {
+          where << "lane " << l << " has returned";
+          break;
+        }
+        if (f.wait == Wait::kBarrier) {
+          where << "lane " << l << " waits at __syncthreads on line " << f.line;
+          break;
+        }
       }
-      fail(where + ": only " + std::to_string(at) + " of 32 lanes reach a full-mask shuffle (" + others + ")");
+      where << ")";
+      fail(where.str());
     }
     for (unsigned l = 0; l < lanes; ++l) {
       const Fiber& f = *s.fibers[w0 + l];
-      if (f.mask != 0xffffffffu) fail(where + ": only full-mask shuffles are emulated");
-      if (f.line != line) fail(where + ": lanes wait at shuffles on different lines");
-      if (f.lane_mask < 0 || f.lane_mask >= kWarp) fail(where + ": xor offset out of [0, 32)");
+      if (f.mask != 0xffffffffu) fail(where.str() + "only full-mask shuffles are emulated");
+      if (f.line != line) fail(where.str() + "lanes wait at shuffles on different lines");
+      if (f.lane_mask < 0 || f.lane_mask >= kWarp) fail(where.str() + "xor offset out of [0, 32)");
     }
     for (unsigned l = 0; l < lanes; ++l) {
       Fiber& f = *s.fibers[w0 + l];
@@ -144,9 +157,10 @@ bool release_barrier(unsigned n) {
     if (s.fibers[i]->wait == Wait::kBarrier) ++lines[s.fibers[i]->line];
   if (lines.empty()) return false;
   if (lines.size() > 1) {
-    std::string what = "threads wait at different __syncthreads:";
-    for (auto [line, count] : lines) what += " " + std::to_string(count) + " on line " + std::to_string(line) + ";";
-    fail(what);
+    std::ostringstream what;
+    what << "threads wait at different __syncthreads:";
+    for (auto [line, count] : lines) what << " " << count << " on line " << line << ";";
+    fail(what.str());
   }
   for (unsigned i = 0; i < n; ++i)
     if (s.fibers[i]->wait == Wait::kBarrier) s.fibers[i]->wait = Wait::kRunnable;
