@@ -15,6 +15,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "data/shard.h"
+#include "model/weight_casts.h"
 #include "train/trainer.h"
 #include "test_shards.h"
 #include "test_util.h"
@@ -180,6 +181,26 @@ TEST(TrainE2E, MicroBatchesMatchTheFullBatchAndBf16Trains) {
   auto fp32 = train_tiny_losses(dir, "fp32", {});
   EXPECT_NEAR(bf16.front(), fp32.front(), 0.05);
   EXPECT_LT(bf16.back(), bf16.front() - 0.5);
+}
+
+TEST(TrainE2E, WeightCastsKeptAcrossMicroBatchesTrainBitIdentically) {
+  // bf16 with 4 micro-batches per step: the weights' bf16 copies made once per
+  // step (model/weight_casts.h, on by default) or in every micro-batch
+  // (MOECPT_CAST_CACHE=0) give the same losses to the last bit.
+  testing::TempDir dir;
+  write_tiny_run(dir);
+  const std::vector<std::string> sets = {"run.dtype=\"bfloat16\"", "train.micro_batch_size=2"};
+  const auto before = model::cast_cache_counts();
+  auto kept = train_tiny_losses(dir, "kept", sets);
+  const auto after = model::cast_cache_counts();
+  ::setenv("MOECPT_CAST_CACHE", "0", 1);
+  auto plain = train_tiny_losses(dir, "plain", sets);
+  ::unsetenv("MOECPT_CAST_CACHE");
+  EXPECT_EQ(model::cast_cache_counts().hits, after.hits);  // switched off: nothing reused
+  // 12 steps × 3 reusing micro-batches × 17 casts (2 MoE layers × 8 + the head)
+  EXPECT_EQ(after.hits - before.hits, 12 * 3 * 17);
+  ASSERT_EQ(kept.size(), 12u);
+  EXPECT_EQ(kept, plain);
 }
 
 TEST(TrainE2E, ActivationCheckpointingTrainsBitIdentically) {
