@@ -3,20 +3,20 @@
 //
 // Under bf16 autocast every micro-batch casts each fp32 weight to bf16 again:
 // the experts' w1 | w3 and w2, the dense and shared MLPs' weights, the head's,
-// and autocast's own casts of the attention projections (its cache is cleared
-// when each micro-batch's autocast scope closes). The weights do not change
-// between the micro-batches of one step, so with gradient accumulation every
-// micro-batch after the first repeats those passes over the weights (session
-// 8's H100 profile of Granular-Sinkhorn: ~6 ms of a 235 ms micro-batch; the
-// paper's 1024-sequence steps are 128 micro-batches of 8).
+// and the attention projections' (autocast's own cache is cleared when each
+// micro-batch's autocast scope closes). The weights do not change between the
+// micro-batches of one step, so with gradient accumulation every micro-batch
+// after the first repeats those passes over the weights (session 8's H100
+// profile of Granular-Sinkhorn: ~5.4 ms of a 235 ms micro-batch; the paper's
+// 1024-sequence steps are 128 micro-batches of 8).
 //
 // A StepCasts scope, open over the micro-batches of one step, keeps them:
-//   - cached_cast(keys, dtype, make) returns the copy `make` produced the first
-//     time in the scope for these parameters, dtype and grad mode; it makes it
-//     again if a key's version counter moved (the parameter was written in place);
-//   - compat::Autocast leaves autocast's cache alone when it closes while a
-//     scope is open (torch_compat.h); the scope clears both when it closes, before
-//     the optimizer writes the weights.
+// cached_cast(keys, dtype, make) returns the copy `make` produced the first time
+// in the scope for these parameters, dtype and grad mode, and makes it again if
+// a key's version counter moved (the parameter was written in place). Every
+// weight cast goes through it: the attention projections cast their weight
+// themselves (model/threaded_linear.cpp) instead of leaving it to autocast. The
+// scope drops the copies when it closes, before the optimizer writes the weights.
 // The copies hold the same values and carry the same autograd nodes (a cast has
 // no saved tensors, so a node may run once per micro-batch's backward), so
 // training is bit-identical with and without (tests/test_weight_casts.cpp).
