@@ -55,7 +55,7 @@ torch::Tensor rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& w, do
 }
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  return use_rms_norm_kernel(x, w) ? RmsNormCuda::apply(x, w.contiguous(), eps) : compat::rms_norm(x, w, eps);
+  return use_rms_norm_kernel(x, w) ? rms_norm_kernel(x, w, eps) : compat::rms_norm(x, w, eps);
 }
 
 }  // namespace moecpt::model

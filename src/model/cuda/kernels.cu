@@ -465,6 +465,9 @@ unsigned blocks_for(int64_t total) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 16)));
 }
 
+// The same for kernels that give each item (slot, row) a warp of 32 threads.
+unsigned blocks_for_warps(int64_t items) { return blocks_for(items * 32); }
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Whether V-wide vector access is valid: every size and stride a multiple of V,
@@ -560,9 +563,7 @@ int combine_backward_t(const void* g, int64_t ld_g, const void* y, int64_t ld_y,
   constexpr int V = 16 / sizeof(T);
   const int64_t S = T_ * K;
   if (S == 0) return 0;
-  constexpr int kWarpsPerBlock = kThreads / 32;
-  const auto blocks = unsigned(std::max<int64_t>(1, std::min<int64_t>((S + kWarpsPerBlock - 1) / kWarpsPerBlock,
-                                                                       int64_t(1) << 16)));
+  const auto blocks = blocks_for_warps(S);
   const bool vec = vectorizable<V>({D, ld_g, ld_y, ld_dy}, {g, y, dy});
   const auto *gp = static_cast<const T*>(g), *yp = static_cast<const T*>(y);
   auto* dp = static_cast<T*>(dy);
@@ -581,9 +582,7 @@ int rms_norm_forward_t(const void* x, int64_t ld_x, const float* w, int64_t rows
   constexpr int V = 16 / sizeof(T);
   if (rows == 0 || D == 0) return 0;
   const bool vec = vectorizable<V>({D, ld_x, ld_y}, {x, y});
-  constexpr int kWarpsPerBlock = kThreads / 32;
-  const auto blocks =
-      unsigned(std::max<int64_t>(1, std::min<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1 << 16)));
+  const auto blocks = blocks_for_warps(rows);
   const auto* xp = static_cast<const T*>(x);
   auto* yp = static_cast<T*>(y);
   if (vec) launch(rms_norm_forward_kernel<T, V>, blocks, kThreads, st, xp, ld_x, w, rows, D, eps, yp, ld_y, rstd);
@@ -595,8 +594,7 @@ template <typename T, int V>
 int rms_norm_backward_v(const T* x, int64_t ld_x, const float* w, const float* rstd, const T* dy, int64_t ld_dy,
                         int64_t rows, int64_t D, T* dx, int64_t ld_dx, float* dw_partial, cudaStream_t st) {
   const int64_t partials = rms_norm_backward_partials(rows), per = (rows + partials - 1) / partials;
-  constexpr int kWarpsPerBlock = kThreads / 32;
-  const auto blocks = unsigned((partials + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  const auto blocks = blocks_for_warps(partials);  // partials ≤ 2048: one warp each, none left out
   if (D <= 1024)
     launch(rms_norm_backward_kernel<T, V, 1024>, blocks, kThreads, st,
            x, ld_x, w, rstd, dy, ld_dy, rows, D, per, partials, dx, ld_dx, dw_partial);
