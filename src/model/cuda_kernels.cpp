@@ -258,23 +258,57 @@ void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, 
 }
 
 torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Tensor& w_D, const torch::Tensor& rstd_N,
-                                     const torch::Tensor& dy_ND, const torch::Tensor& dx_ND) {
+                                     const torch::Tensor& dy_ND, const torch::Tensor& dx_ND,
+                                     const torch::Tensor& dres_ND) {
   check_rms_norm_args(x_ND, w_D, rstd_N, "cuda_rms_norm_backward");
   check_same(x_ND, dy_ND, "cuda_rms_norm_backward");
   check_same(x_ND, dx_ND, "cuda_rms_norm_backward");
   const int64_t N = x_ND.size(0), D = x_ND.size(1);
   check_rows(dy_ND, N, D, "cuda_rms_norm_backward (dy)");
   check_rows(dx_ND, N, D, "cuda_rms_norm_backward (dx)");
+  const bool add = dres_ND.defined();
+  if (add) {
+    check_same(x_ND, dres_ND, "cuda_rms_norm_backward (dres)");
+    check_rows(dres_ND, N, D, "cuda_rms_norm_backward (dres)");
+  }
 #ifdef MOECPT_CUDA_KERNELS
   auto partial = torch::empty({cuda::rms_norm_backward_partials(N), D}, w_D.options());
-  check_launch(cuda::rms_norm_backward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
-                                       rstd_N.data_ptr<float>(), dy_ND.data_ptr(), dy_ND.stride(0), N, D,
-                                       dx_ND.data_ptr(), dx_ND.stride(0), partial.data_ptr<float>(),
-                                       current_stream(x_ND)),
+  check_launch(cuda::add_rms_norm_backward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
+                                           rstd_N.data_ptr<float>(), dy_ND.data_ptr(), dy_ND.stride(0),
+                                           add ? dres_ND.data_ptr() : nullptr, add ? dres_ND.stride(0) : 0, N, D,
+                                           dx_ND.data_ptr(), dx_ND.stride(0), partial.data_ptr<float>(),
+                                           current_stream(x_ND)),
                "rms_norm_backward");
   return partial.sum(0);
 #else
-  (void)N, (void)D;
+  (void)N, (void)D, (void)add;
+  not_built();
+#endif
+}
+
+void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a_ND, const torch::Tensor& w_D,
+                               double eps, const torch::Tensor& h_ND, const torch::Tensor& y_ND,
+                               const torch::Tensor& rstd_N) {
+  const char* what = "cuda_add_rms_norm_forward";
+  check_rms_norm_args(x_ND, w_D, rstd_N, what);
+  const int64_t N = x_ND.size(0), D = x_ND.size(1);
+  const bool a_ok = a_ND.is_cuda() && a_ND.device() == x_ND.device() &&
+                    (a_ND.scalar_type() == x_ND.scalar_type() ||
+                     (a_ND.scalar_type() == torch::kBFloat16 && x_ND.scalar_type() == torch::kFloat32));
+  if (!a_ok) throw Error(std::string(what) + ": a must be on x's device in x's dtype, or bf16 with fp32 x");
+  check_rows(a_ND, N, D, "cuda_add_rms_norm_forward (a)");
+  check_same(x_ND, h_ND, what);
+  check_same(x_ND, y_ND, what);
+  check_rows(h_ND, N, D, "cuda_add_rms_norm_forward (h)");
+  check_rows(y_ND, N, D, "cuda_add_rms_norm_forward (y)");
+#ifdef MOECPT_CUDA_KERNELS
+  check_launch(cuda::add_rms_norm_forward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), dtype_of(a_ND),
+                                          a_ND.data_ptr(), a_ND.stride(0), w_D.data_ptr<float>(), N, D, float(eps),
+                                          h_ND.data_ptr(), h_ND.stride(0), y_ND.data_ptr(), y_ND.stride(0),
+                                          rstd_N.data_ptr<float>(), current_stream(x_ND)),
+               "add_rms_norm_forward");
+#else
+  (void)eps;
   not_built();
 #endif
 }

@@ -53,8 +53,17 @@ int64_t cuda_rms_norm_max_width();
 void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
                            const torch::Tensor& rstd_N);
 // Its backward from dy_ND (x's dtype): writes dx_ND, returns dw fp32 [D].
+// With dres_ND (x's dtype and shape) defined, dx_ND = that backward + dres_ND
+// (the residual stream's gradient of the fused add below).
 torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Tensor& w_D, const torch::Tensor& rstd_N,
-                                     const torch::Tensor& dy_ND, const torch::Tensor& dx_ND);
+                                     const torch::Tensor& dy_ND, const torch::Tensor& dx_ND,
+                                     const torch::Tensor& dres_ND = {});
+// The residual add in front: h_ND = x_ND + a_ND (a in x's dtype, or bf16 with
+// fp32 x), then the RMSNorm of h as cuda_rms_norm_forward; writes h_ND and
+// y_ND (x's dtype and shape) and rstd_N.
+void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a_ND, const torch::Tensor& w_D,
+                               double eps, const torch::Tensor& h_ND, const torch::Tensor& y_ND,
+                               const torch::Tensor& rstd_N);
 
 // Sinkhorn balancing of C [T, E] (fp32 CUDA, contiguous, 1 ≤ E ≤ 64) in one
 // kernel with its stopping test on the device (no host read): d0 [T], d1 [E]

@@ -23,6 +23,13 @@ class NormImpl : public torch::nn::Module {
     return torch::layer_norm(x_BTD.to(weight_D.scalar_type()), {weight_D.size(0)}, weight_D, bias_D, eps_)
         .to(x_BTD.scalar_type());
   }
+  // A pre-norm block's residual add and this norm: {h, norm(h)} with h = x + a
+  // (RMSNorm: one fused Function on CUDA when switched on, model/rms_norm.h).
+  std::pair<torch::Tensor, torch::Tensor> add_forward(const torch::Tensor& x_BTD, const torch::Tensor& a_BTD) {
+    if (!bias_D.defined()) return add_rms_norm(x_BTD, a_BTD, weight_D, eps_);
+    auto h_BTD = x_BTD + a_BTD;
+    return {h_BTD, forward(h_BTD)};
+  }
 
   torch::Tensor weight_D, bias_D;
 

@@ -24,4 +24,22 @@ bool use_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& w);
 // with ATen's); a clear error where it cannot run.
 torch::Tensor rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& w, double eps);
 
+// A pre-norm block's residual add and the next norm, `h = x + a; y = norm(h)`,
+// returned as {h, y}. ATen's add and rms_norm above, or, on CUDA with
+// MOECPT_ADD_RMSNORM_KERNEL=1 (independent of MOECPT_RMSNORM_KERNEL), one
+// autograd Function on moecpt's kernels: the forward reads x and a once and
+// writes h, y and 1/rms; the backward writes one gradient, the norm's plus
+// h's own (the residual stream's), for both x and a, so neither the forward's
+// add nor autograd's accumulation of h's two gradients is a separate pass.
+// a: x's shape, in x's dtype or bf16 with an fp32 x (a sublayer's output
+// under autocast); other pairs take the ATen path.
+std::pair<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& a,
+                                                     const torch::Tensor& w, double eps);
+// MOECPT_ADD_RMSNORM_KERNEL: 0 (default) or 1, read once; else an error naming it.
+bool add_rms_norm_kernel_requested();
+bool use_add_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w);
+// The kernel path whatever the switch says; a clear error where it cannot run.
+std::pair<torch::Tensor, torch::Tensor> add_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& a,
+                                                            const torch::Tensor& w, double eps);
+
 }  // namespace moecpt::model

@@ -21,8 +21,7 @@ BlockImpl::BlockImpl(const ModelConfig& mc, const RouterConfig& rc, bool is_moe,
 
 torch::Tensor BlockImpl::forward(const torch::Tensor& x_BTD, const RotaryTables& rope,
                                  std::vector<RoutingInfo>& routing) {
-  auto h_BTD = x_BTD + attn(attn_norm(x_BTD), rope);
-  auto normed_BTD = ffn_norm(h_BTD);
+  auto [h_BTD, normed_BTD] = ffn_norm->add_forward(x_BTD, attn(attn_norm(x_BTD), rope));  // h = x + attn(…)
   if (mlp) return h_BTD + mlp(normed_BTD);
   auto moe_out = moe(normed_BTD);
   routing.push_back(std::move(moe_out.routing));

@@ -490,53 +490,87 @@ TEST(CudaKernelsEmulated, MoESlotGathersMatchAnFp64Reference) {
 
 // ---- RMSNorm ---------------------------------------------------------------
 
-template <typename T>
-void check_rms_norm(int64_t rows, int64_t D, int64_t pad) {
+// add: the fused residual add in front (add_rms_norm_forward/backward): the
+// rows normalised are h = x + a (A: a's type), which must equal ATen's add
+// bit for bit, and dres joins dx.
+template <typename T, typename A = T>
+void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
   SCOPED_TRACE(std::string(name_of<T>()) + " rows " + std::to_string(rows) + " D " + std::to_string(D) + " pad " +
-               std::to_string(pad));
-  std::mt19937 rng(uint32_t(rows * 31 + D));
+               std::to_string(pad) + (add ? std::string(" + a ") + name_of<A>() : std::string()));
+  std::mt19937 rng(uint32_t(rows * 31 + D + (add ? 7 : 0)));
   const int64_t ld = D + pad, partials = mc::rms_norm_backward_partials(rows);
+  // a, h and dres with a row stride of their own (a wider padding; one more
+  // element where there is none, which keeps those cases scalar), so a kernel
+  // that mixes up the strides writes or reads the wrong elements
+  const int64_t ld2 = pad > 0 ? D + 2 * pad : D + 1, pad2 = ld2 - D;
+  const size_t n_add = add ? size_t(rows * ld2) : 1;
   const float eps = 1e-5f;
   Buf<T> x{size_t(rows * ld)}, y{size_t(rows * ld)}, dy{size_t(rows * ld)}, dx{size_t(rows * ld)};
+  Buf<T> h{n_add}, dres{n_add};
+  Buf<A> a{n_add};
   Buf<float> w{size_t(D)}, rstd{size_t(std::max<int64_t>(rows, 1))}, dw_partial{size_t(partials * D)};
   fill_normal(x.data(), x.size(), rng, 2.f);
   fill_normal(dy.data(), dy.size(), rng);
+  if (add) fill_normal(a.data(), a.size(), rng), fill_normal(dres.data(), dres.size(), rng);
   std::normal_distribution<float> around_one(1.f, 0.3f);
   for (int64_t j = 0; j < D; ++j) w[j] = around_one(rng);
-  ASSERT_EQ(mc::rms_norm_forward(dtype_of<T>(), x.data(), ld, w.data(), rows, D, eps, y.data(), ld, rstd.data(),
-                                 nullptr),
-            0);
+  if (add) {
+    ASSERT_EQ(mc::add_rms_norm_forward(dtype_of<T>(), x.data(), ld, dtype_of<A>(), a.data(), ld2, w.data(), rows, D,
+                                       eps, h.data(), ld2, y.data(), ld, rstd.data(), nullptr),
+              0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < D; ++j) {
+        const T want = from_f<T>(float(to_d(x[r * ld + j])) + float(to_d(a[r * ld2 + j])));
+        ASSERT_EQ(0, std::memcmp(&want, &h[r * ld2 + j], sizeof(T))) << "h at row " << r << ", column " << j;
+      }
+      EXPECT_TRUE(is_nan_bits(&h[r * ld2 + D], size_t(pad2) * sizeof(T))) << "row " << r;
+    }
+  } else {
+    ASSERT_EQ(mc::rms_norm_forward(dtype_of<T>(), x.data(), ld, w.data(), rows, D, eps, y.data(), ld, rstd.data(),
+                                   nullptr),
+              0);
+  }
+  auto& n = add ? h : x;  // the rows normalised, row stride ldn
+  const int64_t ldn = add ? ld2 : ld;
   std::vector<std::vector<T>> dxs;
   std::vector<std::vector<float>> dws;
   in_both_orders([&](cuda_emu::Order) {
-    ASSERT_EQ(mc::rms_norm_backward(dtype_of<T>(), x.data(), ld, w.data(), rstd.data(), dy.data(), ld, rows, D,
-                                    dx.data(), ld, dw_partial.data(), nullptr),
+    ASSERT_EQ(mc::add_rms_norm_backward(dtype_of<T>(), n.data(), ldn, w.data(), rstd.data(), dy.data(), ld,
+                                        add ? dres.data() : nullptr, ld2, rows, D, dx.data(), ld, dw_partial.data(),
+                                        nullptr),
               0);
     dxs.emplace_back(dx.data(), dx.data() + dx.size());
     dws.emplace_back(dw_partial.data(), dw_partial.data() + dw_partial.size());
   });
   ASSERT_EQ(0, std::memcmp(dxs[0].data(), dxs[1].data(), dxs[0].size() * sizeof(T)));
   ASSERT_EQ(0, std::memcmp(dws[0].data(), dws[1].data(), dws[0].size() * sizeof(float)));
+  if (!add) {  // the plain entry point is the same kernel without dres
+    ASSERT_EQ(mc::rms_norm_backward(dtype_of<T>(), x.data(), ld, w.data(), rstd.data(), dy.data(), ld, rows, D,
+                                    dx.data(), ld, dw_partial.data(), nullptr),
+              0);
+    ASSERT_EQ(0, std::memcmp(dxs[0].data(), dx.data(), dxs[0].size() * sizeof(T)));
+  }
 
   std::vector<double> gy, ry, sy, grs, rrs, srs, gdx, rdx, sdx, gdw, rdw, sdw;
   std::vector<double> dw_ref(size_t(D), 0.0), dw_mag(size_t(D), 0.0);
   for (int64_t r = 0; r < rows; ++r) {
     double ss = 0;
-    for (int64_t j = 0; j < D; ++j) ss += to_d(x[r * ld + j]) * to_d(x[r * ld + j]);
+    for (int64_t j = 0; j < D; ++j) ss += to_d(n[r * ldn + j]) * to_d(n[r * ldn + j]);
     const double rs = 1 / std::sqrt(ss / double(D) + eps);
     grs.push_back(rstd[r]), rrs.push_back(rs), srs.push_back(rs);
     double dot = 0, dot_mag = 0;
     for (int64_t j = 0; j < D; ++j) {
-      const double xj = to_d(x[r * ld + j]), gj = to_d(dy[r * ld + j]), wj = w[j];
+      const double xj = to_d(n[r * ldn + j]), gj = to_d(dy[r * ld + j]), wj = w[j];
       gy.push_back(to_d(y[r * ld + j])), ry.push_back(xj * rs * wj), sy.push_back(std::fabs(xj * rs * wj));
       dot += gj * wj * xj, dot_mag += std::fabs(gj * wj * xj);
       dw_ref[size_t(j)] += gj * xj * rs, dw_mag[size_t(j)] += std::fabs(gj * xj * rs);
     }
     const double c = rs * rs * rs / double(D);
     for (int64_t j = 0; j < D; ++j) {
-      const double xj = to_d(x[r * ld + j]), gj = to_d(dy[r * ld + j]), wj = w[j];
-      gdx.push_back(to_d(dx[r * ld + j])), rdx.push_back(rs * wj * gj - c * dot * xj);
-      sdx.push_back(std::fabs(rs * wj * gj) + c * dot_mag * std::fabs(xj));
+      const double xj = to_d(n[r * ldn + j]), gj = to_d(dy[r * ld + j]), wj = w[j];
+      const double rj = add ? to_d(dres[r * ld2 + j]) : 0.0;
+      gdx.push_back(to_d(dx[r * ld + j])), rdx.push_back(rs * wj * gj - c * dot * xj + rj);
+      sdx.push_back(std::fabs(rs * wj * gj) + c * dot_mag * std::fabs(xj) + std::fabs(rj));
     }
     if (pad > 0) {
       EXPECT_TRUE(is_nan_bits(&y[r * ld + D], size_t(pad) * sizeof(T))) << "row " << r;
@@ -561,6 +595,21 @@ TEST(CudaKernelsEmulated, RmsNormMatchesAnFp64Reference) {
   check_rms_norm<bf16>(37, 128, 8);    // vectors of 8
   check_rms_norm<bf16>(20, 1500, 0);   // scalar, the 2048-wide variant
   check_rms_norm<float>(100, 64, 0);   // more rows than partial sums: several rows per warp
+}
+
+TEST(CudaKernelsEmulated, ResidualAddWithRmsNormMatchesAnFp64Reference) {
+  check_rms_norm<float, float>(37, 128, 4, true);  // an fp32 stream without autocast, vectors of 4
+  check_rms_norm<float, bf16>(37, 128, 4, true);   // fp32 stream + a bf16 sublayer output (autocast)
+  check_rms_norm<float, bf16>(37, 130, 0, true);   // scalar
+  check_rms_norm<bf16, bf16>(37, 128, 8, true);    // the bf16 residual stream, vectors of 8
+  check_rms_norm<bf16, bf16>(20, 1500, 0, true);   // scalar, the 2048-wide variant
+  check_rms_norm<float, float>(100, 64, 0, true);  // several rows per warp
+  check_rms_norm<float, bf16>(9, 2048, 0, true);   // the widest
+  // fp32 a with a bf16 stream is refused (ATen's add would give fp32 h)
+  Buf<float> f{8};
+  EXPECT_EQ(mc::add_rms_norm_forward(mc::DType::kBFloat16, f.data(), 8, mc::DType::kFloat32, f.data(), 8, f.data(), 1,
+                                     8, 1e-5f, f.data(), 8, f.data(), 8, f.data(), nullptr),
+            int(cudaErrorInvalidValue));
 }
 
 TEST(CudaKernelsEmulated, RmsNormBackwardRefusesRowsWiderThanItsRegisters) {

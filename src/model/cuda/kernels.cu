@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace moecpt::cuda {
 
@@ -359,10 +360,13 @@ __global__ void __launch_bounds__(kSinkhornThreads<EMAX>)
 
 // RMSNorm forward: one warp per row (grid-stride over rows). The lanes sum
 // the squares, a shuffle reduction gives every lane r, and a second read of
-// the row (from L1) writes y.
-template <typename T, int V>
-__global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ w,
-                                        int64_t rows, int64_t D, float eps, T* __restrict__ y, int64_t ld_y,
+// the row (from L1) writes y. With ADD the row is first h = x + a (a of type A,
+// the sum rounded to T as ATen's add rounds it), written to h, and h is the row
+// normalised (the second read is of h, which the same lane wrote).
+template <typename T, typename A, int V, bool ADD>
+__global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, const A* __restrict__ a, int64_t ld_a,
+                                        const float* __restrict__ w, int64_t rows, int64_t D, float eps,
+                                        T* __restrict__ h, int64_t ld_h, T* __restrict__ y, int64_t ld_y,
                                         float* __restrict__ rstd) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
@@ -370,7 +374,13 @@ __global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, c
     const T* xr = x + r * ld_x;
     float ss = 0.f;
     for (int64_t j = int64_t(lane) * V; j < D; j += 32 * V) {
-      const auto v = load<T, V>(xr + j);
+      auto v = load<T, V>(xr + j);
+      if constexpr (ADD) {
+        const auto av = load<A, V>(a + r * ld_a + j);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v.v[k] = from_f<T>(to_f(v.v[k]) + to_f(av.v[k]));
+        store<T, V>(h + r * ld_h + j, v);
+      }
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const float f = to_f(v.v[k]);
@@ -381,9 +391,10 @@ __global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, c
     for (int o = 16; o > 0; o /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     const float rs = 1.f / sqrtf(ss / float(D) + eps);
     if (lane == 0) rstd[r] = rs;
+    const T* src = ADD ? h + r * ld_h : xr;
     T* yr = y + r * ld_y;
     for (int64_t j = int64_t(lane) * V; j < D; j += 32 * V) {
-      const auto v = load<T, V>(xr + j);
+      const auto v = load<T, V>(src + j);
       Pack<T, V> o;
 #pragma unroll
       for (int k = 0; k < V; ++k) o.v[k] = from_f<T>(to_f(v.v[k]) * rs * w[j + k]);
@@ -396,13 +407,14 @@ __global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, c
 // in turn: per row a dot product Σ dy·w·x (shuffle-reduced), then dx; the
 // weight gradient's terms dy·x·r for the lane's columns stay in registers
 // (column j = (i·32 + lane)·V + k, D ≤ MAXD) and are written once, as the
-// warp's row of dw_partial.
-template <typename T, int V, int MAXD>
+// warp's row of dw_partial. With ADD, dres (the gradient reaching the input
+// by another path: the residual stream's) is added to dx before its rounding.
+template <typename T, int V, int MAXD, bool ADD>
 __global__ void __launch_bounds__(256)
     rms_norm_backward_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ w,
-                             const float* __restrict__ rstd, const T* __restrict__ dy, int64_t ld_dy, int64_t rows,
-                             int64_t D, int64_t per, int64_t n_partial, T* __restrict__ dx, int64_t ld_dx,
-                             float* __restrict__ dw_partial) {
+                             const float* __restrict__ rstd, const T* __restrict__ dy, int64_t ld_dy,
+                             const T* __restrict__ dres, int64_t ld_dres, int64_t rows, int64_t D, int64_t per,
+                             int64_t n_partial, T* __restrict__ dx, int64_t ld_dx, float* __restrict__ dw_partial) {
   constexpr int kVecs = MAXD / (32 * V);
   const int lane = threadIdx.x % 32;
   const int64_t warp = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -437,11 +449,14 @@ __global__ void __launch_bounds__(256)
       const int64_t j = (int64_t(i) * 32 + lane) * V;
       if (j < D) {
         const auto xv = load<T, V>(xr + j), gv = load<T, V>(gr + j);
-        Pack<T, V> o;
+        Pack<T, V> o, rv;
+        if constexpr (ADD) rv = load<T, V>(dres + r * ld_dres + j);
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           const float xk = to_f(xv.v[k]), gk = to_f(gv.v[k]);
-          o.v[k] = from_f<T>(rs * w[j + k] * gk - c * xk);
+          float d = rs * w[j + k] * gk - c * xk;
+          if constexpr (ADD) d += to_f(rv.v[k]);
+          o.v[k] = from_f<T>(d);
           acc[i][k] += gk * xk * rs;
         }
         store<T, V>(dr + j, o);
@@ -576,46 +591,64 @@ int combine_backward_t(const void* g, int64_t ld_g, const void* y, int64_t ld_y,
   return int(cudaGetLastError());
 }
 
-template <typename T>
-int rms_norm_forward_t(const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps, void* y,
-                       int64_t ld_y, float* rstd, cudaStream_t st) {
+// a == nullptr: plain RMSNorm of x (A unused); else of h = x + a, h written.
+template <typename T, typename A>
+int rms_norm_forward_t(const void* x, int64_t ld_x, const void* a, int64_t ld_a, const float* w, int64_t rows,
+                       int64_t D, float eps, void* h, int64_t ld_h, void* y, int64_t ld_y, float* rstd,
+                       cudaStream_t st) {
   constexpr int V = 16 / sizeof(T);
   if (rows == 0 || D == 0) return 0;
-  const bool vec = vectorizable<V>({D, ld_x, ld_y}, {x, y});
+  const bool add = a != nullptr;
+  const bool vec = add ? vectorizable<V>({D, ld_x, ld_a, ld_h, ld_y}, {x, a, h, y})
+                       : vectorizable<V>({D, ld_x, ld_y}, {x, y});
   const auto blocks = blocks_for_warps(rows);
   const auto* xp = static_cast<const T*>(x);
-  auto* yp = static_cast<T*>(y);
-  if (vec) launch(rms_norm_forward_kernel<T, V>, blocks, kThreads, st, xp, ld_x, w, rows, D, eps, yp, ld_y, rstd);
-  else launch(rms_norm_forward_kernel<T, 1>, blocks, kThreads, st, xp, ld_x, w, rows, D, eps, yp, ld_y, rstd);
+  const auto* ap = static_cast<const A*>(a);
+  auto *hp = static_cast<T*>(h), *yp = static_cast<T*>(y);
+  const auto go = [&](auto kernel) {
+    launch(kernel, blocks, kThreads, st, xp, ld_x, ap, ld_a, w, rows, D, eps, hp, ld_h, yp, ld_y, rstd);
+  };
+  if (add) vec ? go(rms_norm_forward_kernel<T, A, V, true>) : go(rms_norm_forward_kernel<T, A, 1, true>);
+  else vec ? go(rms_norm_forward_kernel<T, A, V, false>) : go(rms_norm_forward_kernel<T, A, 1, false>);
   return int(cudaGetLastError());
 }
 
-template <typename T, int V>
+template <typename T, int V, bool ADD>
 int rms_norm_backward_v(const T* x, int64_t ld_x, const float* w, const float* rstd, const T* dy, int64_t ld_dy,
-                        int64_t rows, int64_t D, T* dx, int64_t ld_dx, float* dw_partial, cudaStream_t st) {
+                        const T* dres, int64_t ld_dres, int64_t rows, int64_t D, T* dx, int64_t ld_dx,
+                        float* dw_partial, cudaStream_t st) {
   const int64_t partials = rms_norm_backward_partials(rows), per = (rows + partials - 1) / partials;
   const auto blocks = blocks_for_warps(partials);  // partials ≤ 2048: one warp each, none left out
   if (D <= 1024)
-    launch(rms_norm_backward_kernel<T, V, 1024>, blocks, kThreads, st,
-           x, ld_x, w, rstd, dy, ld_dy, rows, D, per, partials, dx, ld_dx, dw_partial);
+    launch(rms_norm_backward_kernel<T, V, 1024, ADD>, blocks, kThreads, st,
+           x, ld_x, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, per, partials, dx, ld_dx, dw_partial);
   else
-    launch(rms_norm_backward_kernel<T, V, 2048>, blocks, kThreads, st,
-           x, ld_x, w, rstd, dy, ld_dy, rows, D, per, partials, dx, ld_dx, dw_partial);
+    launch(rms_norm_backward_kernel<T, V, 2048, ADD>, blocks, kThreads, st,
+           x, ld_x, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, per, partials, dx, ld_dx, dw_partial);
   return int(cudaGetLastError());
 }
 
+// dres == nullptr: plain backward; else dres added to dx.
 template <typename T>
 int rms_norm_backward_t(const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
-                        int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
-                        cudaStream_t st) {
+                        int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D, void* dx,
+                        int64_t ld_dx, float* dw_partial, cudaStream_t st) {
   constexpr int V = 16 / sizeof(T);
   if (D == 0) return 0;
   if (D > kRmsNormMaxD) return int(cudaErrorInvalidValue);
-  const bool vec = vectorizable<V>({D, ld_x, ld_dy, ld_dx}, {x, dy, dx});
-  const auto *xp = static_cast<const T*>(x), *gp = static_cast<const T*>(dy);
+  const bool add = dres != nullptr;
+  const bool vec = add ? vectorizable<V>({D, ld_x, ld_dy, ld_dres, ld_dx}, {x, dy, dres, dx})
+                       : vectorizable<V>({D, ld_x, ld_dy, ld_dx}, {x, dy, dx});
+  const auto *xp = static_cast<const T*>(x), *gp = static_cast<const T*>(dy), *rp = static_cast<const T*>(dres);
   auto* dp = static_cast<T*>(dx);
-  return vec ? rms_norm_backward_v<T, V>(xp, ld_x, w, rstd, gp, ld_dy, rows, D, dp, ld_dx, dw_partial, st)
-             : rms_norm_backward_v<T, 1>(xp, ld_x, w, rstd, gp, ld_dy, rows, D, dp, ld_dx, dw_partial, st);
+  const auto go = [&](auto v, auto with_add) {
+    return rms_norm_backward_v<T, decltype(v)::value, decltype(with_add)::value>(
+        xp, ld_x, w, rstd, gp, ld_dy, rp, ld_dres, rows, D, dp, ld_dx, dw_partial, st);
+  };
+  using Vec = std::integral_constant<int, V>;
+  using One = std::integral_constant<int, 1>;
+  if (add) return vec ? go(Vec{}, std::true_type{}) : go(One{}, std::true_type{});
+  return vec ? go(Vec{}, std::false_type{}) : go(One{}, std::false_type{});
 }
 
 }  // namespace
@@ -625,17 +658,40 @@ int64_t rms_norm_backward_partials(int64_t rows) { return std::clamp<int64_t>((r
 int rms_norm_forward(DType dt, const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps,
                      void* y, int64_t ld_y, float* rstd, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  return dt == DType::kBFloat16 ? rms_norm_forward_t<__nv_bfloat16>(x, ld_x, w, rows, D, eps, y, ld_y, rstd, st)
-                                : rms_norm_forward_t<float>(x, ld_x, w, rows, D, eps, y, ld_y, rstd, st);
+  return dt == DType::kBFloat16
+             ? rms_norm_forward_t<__nv_bfloat16, __nv_bfloat16>(x, ld_x, nullptr, 0, w, rows, D, eps, nullptr, 0, y,
+                                                                ld_y, rstd, st)
+             : rms_norm_forward_t<float, float>(x, ld_x, nullptr, 0, w, rows, D, eps, nullptr, 0, y, ld_y, rstd, st);
+}
+
+int add_rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, const void* a, int64_t ld_a,
+                         const float* w, int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, void* y,
+                         int64_t ld_y, float* rstd, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (a == nullptr || h == nullptr) return int(cudaErrorInvalidValue);
+  if (dt == DType::kBFloat16)
+    return dt_a == DType::kBFloat16 ? rms_norm_forward_t<__nv_bfloat16, __nv_bfloat16>(
+                                          x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st)
+                                    : int(cudaErrorInvalidValue);  // fp32 + bf16 is fp32: not a bf16 stream
+  return dt_a == DType::kBFloat16
+             ? rms_norm_forward_t<float, __nv_bfloat16>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st)
+             : rms_norm_forward_t<float, float>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st);
 }
 
 int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
                       int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
                       void* stream) {
+  return add_rms_norm_backward(dt, x, ld_x, w, rstd, dy, ld_dy, nullptr, 0, rows, D, dx, ld_dx, dw_partial, stream);
+}
+
+int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w, const float* rstd, const void* dy,
+                          int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D, void* dx,
+                          int64_t ld_dx, float* dw_partial, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  return dt == DType::kBFloat16
-             ? rms_norm_backward_t<__nv_bfloat16>(x, ld_x, w, rstd, dy, ld_dy, rows, D, dx, ld_dx, dw_partial, st)
-             : rms_norm_backward_t<float>(x, ld_x, w, rstd, dy, ld_dy, rows, D, dx, ld_dx, dw_partial, st);
+  return dt == DType::kBFloat16 ? rms_norm_backward_t<__nv_bfloat16>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres,
+                                                                     rows, D, dx, ld_dx, dw_partial, st)
+                                : rms_norm_backward_t<float>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx,
+                                                             ld_dx, dw_partial, st);
 }
 
 int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,
