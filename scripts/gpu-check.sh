@@ -154,7 +154,7 @@ elif "tokens_per_s" in r:
              f"{r['optimizer_ms']['median']:.1f} ms)" if r.get('mfu_without_optimizer') else "")
           + f"; experts {e.get('path')}, combine {r.get('moe_combine')}, sinkhorn kernel {r.get('sinkhorn_kernel')}, "
           f"graph {r.get('cuda_graph', {}).get('enabled')}, q/k {r.get('qkv_layout')}, "
-          f"rmsnorm {r.get('rms_norm')}, cast cache {r.get('cast_cache', {}).get('on')}; "
+          f"rmsnorm {r.get('rms_norm')}, add+rmsnorm {r.get('add_rms_norm')}, cast cache {r.get('cast_cache', {}).get('on')}; "
           f"GPU mem {r.get('gpu_memory_used_mib')} MiB; loss {r['final_loss']:.3f}", file=sys.stderr)
 else:
     print(json.dumps(r, indent=1), file=sys.stderr)
@@ -175,9 +175,12 @@ bench() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" "$BIN" "$@" --j
 eager() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" python3 bench/pytorch_eager.py "$@"; }
 
 # The A/B arms side by side: per tag without its "-<round>" suffix, the median
-# step over the rounds, and its difference to the baseline arm (the first tag).
+# step over the rounds, and its difference to its model's baseline arm (the
+# first tag of its model: granular-sinkhorn, dense). Also each arm's final loss
+# against the baseline's: the same seed and data, so a switch that computes
+# something else shows here (bf16 runs agree to ~1e-3, not to the bit).
 print_ab() {
-python3 - "$OUT/results.jsonl" "$@" <<'PY'
+python3 - "$OUT/results.jsonl" <<'PY'
 import json, re, statistics, sys
 arms = {}
 for line in open(sys.argv[1]):
@@ -186,15 +189,18 @@ for line in open(sys.argv[1]):
     if "step_ms" not in res or "profile" in res: continue
     m = re.fullmatch(r"(.*)-(\d+)", r["tag"])
     if m: arms.setdefault(m.group(1), []).append(res)
-base = sys.argv[2] if len(sys.argv) > 2 else None
-if base not in arms: sys.exit(0)
-b = statistics.median(x["step_ms"]["median"] for x in arms[base])
-print(f"  A/B, median over rounds (vs {base}):")
+bases = {}
+for tag in arms: bases.setdefault(tag.split("-")[0], tag)
+print("  A/B, median over rounds (vs each model's first arm; loss: the last step's, vs that arm's):")
 for tag, xs in arms.items():
+    base = bases[tag.split("-")[0]]
     ms = statistics.median(x["step_ms"]["median"] for x in xs)
     mfu = statistics.median(x["mfu"] for x in xs)
-    rel = "" if tag == base or not tag.startswith(base.split("-")[0]) else f"  {ms - b:+.1f} ms ({ms / b:.3f}x)"
-    print(f"    {tag:36s} {len(xs)} run(s) {ms:8.1f} ms  MFU {100 * mfu:5.1f}%{rel}")
+    loss = statistics.median(x["final_loss"] for x in xs)
+    b = statistics.median(x["step_ms"]["median"] for x in arms[base])
+    bl = statistics.median(x["final_loss"] for x in arms[base])
+    rel = "" if tag == base else f"  {ms - b:+7.1f} ms ({ms / b:.3f}x)  loss {loss - bl:+.4f}"
+    print(f"    {tag:44s} {len(xs)} run(s) {ms:8.1f} ms  MFU {100 * mfu:5.1f}%  loss {loss:.4f}{rel}")
 PY
 }
 
@@ -233,6 +239,9 @@ if [ "${AB:-0}" = 1 ]; then
   #     cuDNN's attention output needs no copy for the out-projection (dense);
   #   - (session 12) RMSNorm as moecpt's kernels (MOECPT_RMSNORM_KERNEL=1), dense
   #     and Granular with the other two kernels;
+  #   - (session 13) the blocks' residual add fused into the RMSNorm kernels
+  #     (MOECPT_ADD_RMSNORM_KERNEL=1), dense with both norm switches, Granular
+  #     with all four kernels;
   #   - (session 12) with --accum 4, the weights' bf16 copies kept across the
   #     micro-batches of a step (default) vs made in each (MOECPT_CAST_CACHE=0);
   # then both together with 4 micro-batches per optimizer step (the optimizer's
@@ -255,8 +264,10 @@ if [ "${AB:-0}" = 1 ]; then
     [ "$round" = 1 ] && MOECPT_QKV_LAYOUT=seq_major bench dense-seq-qkv-$round 45 bench train --config $D "${COMMON[@]}"
     [ "$round" = 1 ] && MOECPT_RMSNORM_KERNEL=1 bench dense-rmsnorm-kernel-$round 45 bench train --config $D \
       "${COMMON[@]}"
+    [ "$round" = 1 ] && MOECPT_RMSNORM_KERNEL=1 MOECPT_ADD_RMSNORM_KERNEL=1 bench dense-norm-kernels-$round 45 \
+      bench train --config $D "${COMMON[@]}"
     [ "$round" = 1 ] && MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel MOECPT_RMSNORM_KERNEL=1 \
-      bench granular-three-kernels-$round 60 bench train "${GG[@]}"
+      MOECPT_ADD_RMSNORM_KERNEL=1 bench granular-four-kernels-$round 60 bench train "${GG[@]}"
   done
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-accum4 90 bench train "${GG[@]}" \
     --accum 4
@@ -266,7 +277,7 @@ if [ "${AB:-0}" = 1 ]; then
   MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-profile 60 bench train --config $G \
     --device cuda --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
     --profile 60 --profile-shapes
-  print_ab granular-sinkhorn
+  print_ab
   print_profiles
 else
 log "3. training steps, paper recipes, bf16"

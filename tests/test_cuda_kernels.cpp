@@ -129,6 +129,40 @@ TEST(RmsNorm, CpuRunsAtenAndTheKernelPathRefusesCpuTensors) {
                           "rms_norm_kernel: needs an fp32 or bf16 CUDA tensor");
 }
 
+// The blocks' residual add + norm (model/rms_norm.h add_rms_norm): off CUDA it
+// is ATen's add and norm, to the bit, with h's two uses (the stream and the
+// norm) both reaching x and a (against the maths in fp64); the LayerNorm models' add_forward is the same
+// composition; the kernel path refuses CPU tensors and mismatched operands.
+TEST(RmsNorm, ResidualAddOnTheCpuIsAtensAddThenNorm) {
+  torch::manual_seed(3);
+  auto x = torch::randn({2, 5, 16}, torch::kFloat64).requires_grad_(true);
+  auto a = torch::randn({2, 5, 16}, torch::kFloat64).requires_grad_(true);
+  auto w = (1 + 0.3 * torch::randn({16}, torch::kFloat64)).requires_grad_(true);
+  auto gh = torch::randn({2, 5, 16}, torch::kFloat64), gy = torch::randn({2, 5, 16}, torch::kFloat64);
+  EXPECT_FALSE(use_add_rms_norm_kernel(x, a, w));
+  auto [h, y] = add_rms_norm(x, a, w, 1e-5);
+  EXPECT_TRUE(torch::equal(h, x + a));
+  EXPECT_TRUE(torch::equal(y, compat::rms_norm(x + a, w, 1e-5)));
+  auto g = torch::autograd::grad({(h * gh).sum() + (y * gy).sum()}, {x, a, w});
+  // against the maths spelled out in fp64 (LibTorch 1.13's norm computes in fp32)
+  auto h64 = x + a;
+  auto y64 = h64 * torch::rsqrt(h64.pow(2).mean(-1, true) + 1e-5) * w;
+  auto g64 = torch::autograd::grad({(h64 * gh).sum() + (y64 * gy).sum()}, {x, a, w});
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_LT((g[i] - g64[i]).abs().max().item<double>(), 1e-5 * g64[i].abs().max().item<double>()) << "input " << i;
+  }
+  EXPECT_TRUE(torch::equal(g[0], g[1]));  // one gradient for both addends
+
+  Norm layer_norm("layernorm", 16, 1e-5);
+  auto xf = x.detach().to(torch::kFloat32), af = a.detach().to(torch::kFloat32);
+  auto [hl, yl] = layer_norm->add_forward(xf, af);
+  EXPECT_TRUE(torch::equal(hl, xf + af));
+  EXPECT_TRUE(torch::equal(yl, layer_norm(xf + af)));
+
+  expect_error_containing([&] { add_rms_norm_kernel(xf, af, w.detach().to(torch::kFloat32), 1e-5); },
+                          "add_rms_norm_kernel: needs an fp32 or bf16 CUDA tensor");
+}
+
 // The kernels' forward and gradients (x and w) against ATen's RMSNorm in fp64,
 // through autograd; strided rows come in as a view of a wider tensor.
 TEST(CudaKernels, RmsNormMatchesAnFp64ReferenceOnAGpu) {
@@ -154,6 +188,49 @@ TEST(CudaKernels, RmsNormMatchesAnFp64ReferenceOnAGpu) {
       EXPECT_LT(rel_err(x.grad(), x64.grad()), tol) << what << " dx";
       EXPECT_LT(rel_err(w.grad(), w64.grad()), dt == torch::kBFloat16 ? 1e-2 : 1e-5) << what << " dw";
     }
+}
+
+// The fused residual add + norm on a GPU: h, y and the gradients of x, a and w
+// through both outputs against ATen in fp64, for an fp32 stream with an fp32
+// or bf16 sublayer output and for a bf16 stream; a's gradient in a's dtype;
+// strided rows; fp32 a with a bf16 stream refused by name.
+TEST(CudaKernels, ResidualAddWithRmsNormMatchesAnFp64ReferenceOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(7);
+  const int64_t shapes[][3] = {{2, 37, 1024}, {3, 5, 1001}, {1, 9, 2048}};  // B, T, D
+  const std::pair<torch::ScalarType, torch::ScalarType> pairs[] = {
+      {torch::kFloat32, torch::kFloat32}, {torch::kFloat32, torch::kBFloat16}, {torch::kBFloat16, torch::kBFloat16}};
+  for (const auto& [dx_t, da_t] : pairs)
+    for (const auto& sh : shapes) {
+      const std::string what = std::string(dx_t == torch::kBFloat16 ? "bf16" : "fp32") + " + " +
+                               (da_t == torch::kBFloat16 ? "bf16" : "fp32") + " D " + std::to_string(sh[2]);
+      auto opts = torch::TensorOptions().device(torch::kCUDA);
+      auto x = (torch::randn({sh[0], sh[1], sh[2] + 8}, opts.dtype(dx_t)) * 2).narrow(2, 0, sh[2]).detach();
+      auto a = torch::randn({sh[0], sh[1], sh[2]}, opts.dtype(da_t));
+      x.requires_grad_(true), a.requires_grad_(true);
+      auto w = (1 + 0.3 * torch::randn({sh[2]}, opts.dtype(torch::kFloat32))).requires_grad_(true);
+      auto gh = torch::randn({sh[0], sh[1], sh[2]}, opts.dtype(dx_t)), gy = torch::randn_like(gh);
+      auto [h, y] = add_rms_norm_kernel(x, a, w, 1e-5);
+      EXPECT_EQ(h.scalar_type(), dx_t) << what;
+      EXPECT_EQ(y.scalar_type(), dx_t) << what;
+      EXPECT_TRUE(torch::equal(h, x + a)) << what << ": h is ATen's add to the bit";
+      ((h * gh).sum() + (y * gy).sum()).backward();
+      EXPECT_EQ(a.grad().scalar_type(), da_t) << what;
+      auto to64 = [](const torch::Tensor& t) { return t.detach().to(torch::kCPU, torch::kFloat64); };
+      auto x64 = to64(x).requires_grad_(true), a64 = to64(a).requires_grad_(true), w64 = to64(w).requires_grad_(true);
+      auto h64 = x64 + a64;
+      auto y64 = compat::rms_norm(h64, w64, 1e-5);
+      ((h64 * to64(gh)).sum() + (y64 * to64(gy)).sum()).backward();
+      const double tol = dx_t == torch::kBFloat16 ? std::ldexp(1.0, -7) : 1e-5;
+      EXPECT_LT(rel_err(y, y64), tol) << what;
+      EXPECT_LT(rel_err(x.grad(), x64.grad()), tol) << what << " dx";
+      EXPECT_LT(rel_err(a.grad(), a64.grad()), da_t == torch::kBFloat16 ? std::ldexp(1.0, -7) : tol) << what << " da";
+      EXPECT_LT(rel_err(w.grad(), w64.grad()), dx_t == torch::kBFloat16 ? 1e-2 : 1e-5) << what << " dw";
+    }
+  auto xb = torch::randn({4, 64}, torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16));
+  auto w = torch::ones({64}, torch::TensorOptions().device(torch::kCUDA));
+  expect_error_containing([&] { add_rms_norm_kernel(xb, xb.to(torch::kFloat32), w, 1e-5); },
+                          "add_rms_norm_kernel: a must have x's shape and device");
 }
 
 TEST(CudaKernels, GatedActivationMatchesAnFp64ReferenceOnAGpu) {

@@ -319,12 +319,16 @@ void run_bench_train(const BenchOptions& o) {
   model::sinkhorn_kernel_requested();  // read here too: a bad MOECPT_SINKHORN_KERNEL is an error on any machine
   const bool sinkhorn_kernel = mc.ffn == "moe" && cfg.router.type == "sinkhorn" &&
                                model::use_sinkhorn_kernel(dev, mc.n_experts);  // MOECPT_SINKHORN_KERNEL=1
-  // The norms' path, by the rule the norms use, asked with a row of the residual stream.
-  const bool rms_norm_kernel =
-      mc.norm == "rmsnorm" &&
-      model::use_rms_norm_kernel(torch::empty({1, mc.d_model}, torch::TensorOptions().device(dev).dtype(
-                                                                  bf16_stream ? torch::kBFloat16 : torch::kFloat32)),
-                                 model->final_norm->weight_D);  // MOECPT_RMSNORM_KERNEL=1
+  // The norms' path, by the rule the norms use, asked with a row of the residual stream;
+  // the blocks' residual add + norm also with a row of the attention's output (bf16 under autocast).
+  const auto stream_row = torch::empty({1, mc.d_model}, torch::TensorOptions().device(dev).dtype(
+                                                           bf16_stream ? torch::kBFloat16 : torch::kFloat32));
+  const auto attn_row = dtype == "bfloat16" ? stream_row.to(torch::kBFloat16) : stream_row;
+  const auto& norm_w = model->final_norm->weight_D;
+  const bool rms_norm_kernel = mc.norm == "rmsnorm" && model::use_rms_norm_kernel(stream_row, norm_w);
+  model::add_rms_norm_kernel_requested();  // read here too: a bad MOECPT_ADD_RMSNORM_KERNEL is an error anywhere
+  const bool add_rms_norm_kernel =
+      mc.norm == "rmsnorm" && model::use_add_rms_norm_kernel(stream_row, attn_row, norm_w);
   // MOECPT_MOE_COMBINE, as it applies to this device and dtype ("kernel" only on CUDA)
   const std::string moe_combine =
       mc.ffn != "moe" ? "none"
@@ -400,6 +404,7 @@ void run_bench_train(const BenchOptions& o) {
       {"cuda_kernels", cuda_kernels},
       {"sinkhorn_kernel", sinkhorn_kernel},
       {"rms_norm", mc.norm != "rmsnorm" ? "none (layernorm)" : rms_norm_kernel ? "kernel" : "aten"},
+      {"add_rms_norm", mc.norm != "rmsnorm" ? "none (layernorm)" : add_rms_norm_kernel ? "kernel" : "aten"},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
@@ -479,6 +484,8 @@ void run_bench_train(const BenchOptions& o) {
                                            : "not built (-DMOECPT_CUDA_KERNELS=ON)");
   if (sinkhorn_kernel) std::printf("  Sinkhorn: one CUDA kernel, stopping test on the device (MOECPT_SINKHORN_KERNEL=1)\n");
   if (rms_norm_kernel) std::printf("  RMSNorm: moecpt's CUDA kernels (MOECPT_RMSNORM_KERNEL=1)\n");
+  if (add_rms_norm_kernel)
+    std::printf("  residual add + RMSNorm in the blocks: one fused kernel each way (MOECPT_ADD_RMSNORM_KERNEL=1)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");
   if (o.cuda_graph)
     std::printf("  CUDA graphs: each micro-batch's forward + backward replayed (%lld graph(s), %lld replays)\n",

@@ -19,13 +19,15 @@ BlockImpl::BlockImpl(const ModelConfig& mc, const RouterConfig& rc, bool is_moe,
   }
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x_BTD, const RotaryTables& rope,
-                                 std::vector<RoutingInfo>& routing) {
-  auto [h_BTD, normed_BTD] = ffn_norm->add_forward(x_BTD, attn(attn_norm(x_BTD), rope));  // h = x + attn(…)
-  if (mlp) return h_BTD + mlp(normed_BTD);
-  auto moe_out = moe(normed_BTD);
+std::pair<torch::Tensor, torch::Tensor> BlockImpl::forward(const torch::Tensor& x_BTD, const torch::Tensor& a_BTD,
+                                                           const RotaryTables& rope, std::vector<RoutingInfo>& routing) {
+  // x = x + a (the previous block's output), normed for the attention
+  auto [x, normed] = a_BTD.defined() ? attn_norm->add_forward(x_BTD, a_BTD) : std::pair{x_BTD, attn_norm(x_BTD)};
+  auto [h, h_normed] = ffn_norm->add_forward(x, attn(normed, rope));  // h = x + attn(…), normed for the FFN
+  if (mlp) return {h, mlp(h_normed)};
+  auto moe_out = moe(h_normed);
   routing.push_back(std::move(moe_out.routing));
-  return h_BTD + moe_out.y_BTD;
+  return {h, moe_out.y_BTD};
 }
 
 TransformerImpl::TransformerImpl(const ModelConfig& mc, const RouterConfig& rc) : mc_(mc) {
@@ -55,19 +57,21 @@ TransformerImpl::TransformerImpl(const ModelConfig& mc, const RouterConfig& rc) 
 
 namespace {
 
-// One block through model/activation_checkpoint.h: inputs x and the rotary
-// tables; outputs y and, for an MoE block, its aux and z losses, which must be
+// One block through model/activation_checkpoint.h: inputs x, the rotary
+// tables and the previous block's output a when there is one; outputs the
+// block's {h, y} and, for an MoE block, its aux and z losses, which must be
 // outputs of the recomputed piece so that their gradients reach the router.
 // The routing of the forward pass (counts, ids, scores: no gradients needed)
 // is published into `routing` with the differentiable losses put back.
-torch::Tensor checkpointed_block(const Block& block, const torch::Tensor& x_BTD, const RotaryTables& rope,
-                                 std::vector<RoutingInfo>& routing) {
+std::pair<torch::Tensor, torch::Tensor> checkpointed_block(const Block& block, const torch::Tensor& x_BTD,
+                                                           const torch::Tensor& a_BTD, const RotaryTables& rope,
+                                                           std::vector<RoutingInfo>& routing) {
   std::vector<RoutingInfo> first;
   auto* first_pass_routing = &first;  // written only during checkpointed() below
   auto fn = [impl = block.ptr(), first_pass_routing](const std::vector<torch::Tensor>& in, bool first_pass) {
     std::vector<RoutingInfo> r;
-    auto y = impl->forward(in[0], RotaryTables{in[1], in[2]}, r);
-    std::vector<torch::Tensor> outs{y};
+    auto [h, y] = impl->forward(in[0], in.size() > 3 ? in[3] : torch::Tensor(), RotaryTables{in[1], in[2]}, r);
+    std::vector<torch::Tensor> outs{h, y};
     if (!r.empty()) {
       outs.push_back(r[0].aux_loss);
       outs.push_back(r[0].z_loss);
@@ -75,13 +79,15 @@ torch::Tensor checkpointed_block(const Block& block, const torch::Tensor& x_BTD,
     if (first_pass) *first_pass_routing = std::move(r);
     return outs;
   };
-  auto outs = checkpointed(fn, {x_BTD, rope.cos_TR, rope.sin_TR});
+  std::vector<torch::Tensor> inputs{x_BTD, rope.cos_TR, rope.sin_TR};
+  if (a_BTD.defined()) inputs.push_back(a_BTD);
+  auto outs = checkpointed(fn, inputs);
   if (!first.empty()) {
-    first[0].aux_loss = outs[1];
-    first[0].z_loss = outs[2];
+    first[0].aux_loss = outs[2];
+    first[0].z_loss = outs[3];
     routing.push_back(std::move(first[0]));
   }
-  return outs[0];
+  return {outs[0], outs[1]};
 }
 
 }  // namespace
@@ -99,11 +105,13 @@ torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& tokens_BT, std
   auto x_BTD = tok_emb(tokens_BT);
   if (bf16_residual_ && compat::autocast_enabled(x_BTD.device())) x_BTD = x_BTD.to(torch::kBFloat16);
   const bool recompute = ac_every_ > 0 && torch::GradMode::is_enabled();
+  torch::Tensor a_BTD;  // the last block's output, added to the stream by the next norm
   for (size_t l = 0; l < blocks_.size(); ++l) {
-    x_BTD = recompute && int64_t(l) % ac_every_ == 0 ? checkpointed_block(blocks_[l], x_BTD, rope, routing)
-                                                      : blocks_[l](x_BTD, rope, routing);
+    std::tie(x_BTD, a_BTD) = recompute && int64_t(l) % ac_every_ == 0
+                                 ? checkpointed_block(blocks_[l], x_BTD, a_BTD, rope, routing)
+                                 : blocks_[l](x_BTD, a_BTD, rope, routing);
   }
-  return final_norm(x_BTD);
+  return a_BTD.defined() ? final_norm->add_forward(x_BTD, a_BTD).second : final_norm(x_BTD);
 }
 
 std::pair<torch::Tensor, torch::Tensor> router_losses(const std::vector<RoutingInfo>& routing,

@@ -24,9 +24,14 @@ struct ModelOutput {
 class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const ModelConfig& mc, const RouterConfig& rc, bool is_moe, double out_std);
+  // The block on the residual stream x + a, where a is the previous block's
+  // output not yet added (undefined for the first block), returning its own
+  // output the same way: {h, y}, the stream after the block being h + y. Each
+  // residual add happens in the norm that reads its sum (Norm::add_forward:
+  // one fused kernel each way on CUDA with MOECPT_ADD_RMSNORM_KERNEL=1).
   // Appends this block's routing to `routing` when it is an MoE block.
-  torch::Tensor forward(const torch::Tensor& x_BTD, const RotaryTables& rope,
-                        std::vector<RoutingInfo>& routing);
+  std::pair<torch::Tensor, torch::Tensor> forward(const torch::Tensor& x_BTD, const torch::Tensor& a_BTD,
+                                                  const RotaryTables& rope, std::vector<RoutingInfo>& routing);
 
   Norm attn_norm{nullptr}, ffn_norm{nullptr};
   Attention attn{nullptr};
