@@ -35,7 +35,10 @@
 #
 #   OUT=/tmp/out BUDGET_S=470 BATCH=8 STEPS=8 LAYERS=0 EXTRA=1 SKIP_TESTS=0 OPENMP=ON scripts/gpu-check.sh
 # (EXTRA=0 skips step 7, which repeats what the first GPU run measured; AB=1 runs
-# only the A/B block below instead of 3-7; TESTS_REGEX limits step 8 (ctest -R);
+# only the A/B block below instead of 3-7: the switches written without a GPU,
+# all on against the defaults, then the GPU tests, a profile and each switch
+# left out, in phases (AB_PHASES); TESTS_REGEX limits the tests (ctest -R);
+# DRY_RUN=1 logs the plan without a GPU on a virtual clock (DRY_RUN_S per run);
 # CUDA_KERNELS=OFF builds without moecpt's CUDA kernels; PROFILE_ROWS=N prints N
 # rows of each profile.)
 # (OPENMP=OFF: build moecpt's CPU kernels without OpenMP, if the wheel's own
@@ -68,10 +71,22 @@ STEPS=${STEPS:-8}
 LAYERS=${LAYERS:-0}  # 0 = the recipes' 24
 JOBS=${JOBS:-$(nproc)}
 T0=$(date +%s)
-elapsed() { echo $(( $(date +%s) - T0 )); }
+# DRY_RUN=1: no GPU, no build, no benchmark: every step is logged as it would
+# run, each run "takes" DRY_RUN_S seconds (the build DRY_BUILD_S) of a virtual
+# clock, so the log shows which arms a budget leaves out (tests/test_gpu_check.cpp).
+DRY_RUN=${DRY_RUN:-0}
+FAKE_S=0
+elapsed() { echo $(( $(date +%s) - T0 + FAKE_S )); }
 left() { echo $(( BUDGET_S - $(elapsed) )); }
 log() { echo "[gpu-check +$(elapsed)s] $*"; }
 
+if [ "$DRY_RUN" = 1 ]; then
+  log "1-2. dry run: no machine check, no build"
+  FAKE_S=$(( FAKE_S + ${DRY_BUILD_S:-105} ))
+  BIN=$BUILD/moecpt
+  TESTS_BUILD=dry
+  echo "rc 0" >"$OUT/build-tests.log"
+else
 log "1. machine"
 nvidia-smi || { log "no nvidia-smi: not a GPU machine"; exit 1; }
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))'
@@ -122,6 +137,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ] && [ -d "$TP" -o -e /usr/include/gtest/gtest.h ];
     echo "rc $?" >>"$OUT/build-tests.log" ) &
   TESTS_BUILD=$!
 fi
+fi  # DRY_RUN
 
 # One run: tag, timeout, command (its stdout ends with one JSON object). Appends
 # {"tag":…, "result":{…}} or {"tag":…, "error":…, "rc":…} to results.jsonl and
@@ -131,6 +147,12 @@ record() {
   if [ "$(left)" -lt $(( limit / 2 )) ]; then log "skip $tag (budget)"; return; fi
   local t=$(( limit < $(left) ? limit : $(left) ))
   log "run $tag: $*"
+  if [ "$DRY_RUN" = 1 ]; then
+    FAKE_S=$(( FAKE_S + ${DRY_RUN_S:-25} ))
+    printf '{"tag": "%s", "result": {"dry_run": true, "step_ms": {"median": 100.0}, "mfu": 0.2, "final_loss": 4.0}}\n' \
+      "$tag" >>"$OUT/results.jsonl"
+    return
+  fi
   if timeout "$t" "$@" >"$OUT/cur.json" 2>"$OUT/cur.err"; then
     python3 - "$tag" "$OUT/cur.json" >>"$OUT/results.jsonl" <<'PY'
 import json, sys
@@ -172,6 +194,13 @@ PY
 # code (bench/pytorch_eager.py: bf16 autocast, SDPA, fused AdamW; MoE experts
 # one matmul each), same batch.
 bench() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" "$BIN" "$@" --json; }
+# The same with environment assignments first: bench_env TAG LIMIT VAR=VALUE… -- ARGS…
+bench_env() {
+  local tag=$1 limit=$2 envs=(); shift 2
+  while [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  record "$tag" "$limit" env "${envs[@]}" "$BIN" "$@" --json
+}
 eager() { local tag=$1 limit=$2; shift 2; record "$tag" "$limit" python3 bench/pytorch_eager.py "$@"; }
 
 # The A/B arms side by side: per tag without its "-<round>" suffix, the median
@@ -191,15 +220,17 @@ for line in open(sys.argv[1]):
     if m: arms.setdefault(m.group(1), []).append(res)
 bases = {}
 for tag in arms: bases.setdefault(tag.split("-")[0], tag)
-print("  A/B, median over rounds (vs each model's first arm; loss: the last step's, vs that arm's):")
+print("  A/B, median over rounds (vs each model's first arm, a leave-one-out arm vs its model's 'all' arm;")
+print("  loss: the last step's, vs the reference arm's):")
 for tag, xs in arms.items():
-    base = bases[tag.split("-")[0]]
+    model = tag.split("-")[0]
+    base = model + "-all" if "-all-but-" in tag and model + "-all" in arms else bases[model]
     ms = statistics.median(x["step_ms"]["median"] for x in xs)
     mfu = statistics.median(x["mfu"] for x in xs)
     loss = statistics.median(x["final_loss"] for x in xs)
     b = statistics.median(x["step_ms"]["median"] for x in arms[base])
     bl = statistics.median(x["final_loss"] for x in arms[base])
-    rel = "" if tag == base else f"  {ms - b:+7.1f} ms ({ms / b:.3f}x)  loss {loss - bl:+.4f}"
+    rel = "" if tag == base else f"  {ms - b:+7.1f} ms ({ms / b:.3f}x)  loss {loss - bl:+.4f}  vs {base}"
     print(f"    {tag:44s} {len(xs)} run(s) {ms:8.1f} ms  MFU {100 * mfu:5.1f}%  loss {loss:.4f}{rel}")
 PY
 }
@@ -225,58 +256,109 @@ PY
 LFLAG=(); [ "$LAYERS" -gt 0 ] && LFLAG=(--layers "$LAYERS")
 COMMON=(--device cuda --dtype bfloat16 --batch "$BATCH" --steps "$STEPS" --warmup 2 "${LFLAG[@]}")
 G=recipes/paper/granular-sinkhorn.toml
+# The test suite (built in the background since step 2), at most $1 seconds
+# (default: what is left); once per call. Failed tests are rerun with output.
+TESTS_DONE=0
+run_tests() {
+  local cap=${1:-$(left)}
+  [ "$TESTS_DONE" = 1 ] && return
+  if [ "${SKIP_TESTS:-0}" = 1 ]; then log "skipped the test suite (SKIP_TESTS=1)"; TESTS_DONE=1; return; fi
+  if [ "$TESTS_BUILD" = none ]; then log "skipped the test suite (no GoogleTest)"; TESTS_DONE=1; return; fi
+  if [ "$(left)" -le 60 ]; then log "skipped the test suite (budget)"; return; fi
+  # wait for the background build, at most half the cap
+  local until=$(( $(elapsed) + cap / 2 ))
+  while ! grep -q "^rc " "$OUT/build-tests.log" 2>/dev/null && [ "$(elapsed)" -lt "$until" ]; do sleep 2; done
+  if ! grep -q "^rc " "$OUT/build-tests.log" 2>/dev/null; then log "the tests are still building: later"; return; fi
+  TESTS_DONE=1
+  if ! tail -1 "$OUT/build-tests.log" | grep -q "^rc 0$"; then
+    grep -E "error:|FAILED:" "$OUT/build-tests.log" | head -30; tail -2 "$OUT/build-tests.log"
+    log "test build failed or ran out of time"
+    return
+  fi
+  local t=$(( cap < $(left) - 5 ? cap : $(left) - 5 ))
+  TR=(); [ -n "${TESTS_REGEX:-}" ] && TR=(-R "$TESTS_REGEX")
+  log "tests built; running ctest ${TR[*]:-(all)} (at most ${t}s)"
+  if [ "$DRY_RUN" = 1 ]; then FAKE_S=$(( FAKE_S + t / 2 )); return; fi
+  timeout "$t" ctest --test-dir "$BUILD" -j"$JOBS" --timeout 120 "${TR[@]}" >"$OUT/tests.log" 2>&1
+  local rc=$?
+  log "ctest rc $rc"
+  grep -E "tests passed|tests failed|\*\*\*Failed|Timeout|Not Run" "$OUT/tests.log" | head -30
+  if [ "$rc" != 0 ] && [ "$(left)" -gt 30 ]; then
+    timeout $(( $(left) - 10 )) ctest --test-dir "$BUILD" --rerun-failed --output-on-failure --timeout 120 \
+      >"$OUT/tests-failed.log" 2>&1
+    tail -c 6000 "$OUT/tests-failed.log"
+  fi
+}
+
 if [ "${AB:-0}" = 1 ]; then
-  # A short A/B of what is not measured yet, interleaved, then one profiled
-  # Granular step by shapes; sections 3-7 are skipped. Now, both opt-in until
-  # measured (written without a GPU in sessions 8 and 9):
-  #   - the Sinkhorn router as one CUDA kernel with its stopping test on the
-  #     device (MOECPT_SINKHORN_KERNEL=1) vs the default ATen iteration;
-  #   - the MoE combine and the dispatch's backward as moecpt's kernels
-  #     (MOECPT_MOE_COMBINE=kernel) vs the gathers;
-  #   - (session 10) each micro-batch replayed as a CUDA graph (--cuda-graph),
-  #     Granular with both kernels (the ATen Sinkhorn cannot be captured) and dense;
-  #   - (session 11) q and k written seq-major (MOECPT_QKV_LAYOUT=seq_major), so
-  #     cuDNN's attention output needs no copy for the out-projection (dense);
-  #   - (session 12) RMSNorm as moecpt's kernels (MOECPT_RMSNORM_KERNEL=1), dense
-  #     and Granular with the other two kernels;
-  #   - (session 13) the blocks' residual add fused into the RMSNorm kernels
-  #     (MOECPT_ADD_RMSNORM_KERNEL=1), dense with both norm switches, Granular
-  #     with all four kernels;
-  #   - (session 12) with --accum 4, the weights' bf16 copies kept across the
-  #     micro-batches of a step (default) vs made in each (MOECPT_CAST_CACHE=0);
-  # then both together with 4 micro-batches per optimizer step (the optimizer's
-  # share amortised, as the paper's 1024-sequence steps would run). (Session 8's
-  # A/B, measured: MOECPT_CUDA_KERNELS=0, MOECPT_MOE_COMBINE=index_add,
+  # What was written without a GPU (sessions 8-13) against the defaults, most
+  # important first, each phase skipped when the budget is short (sections 3-7
+  # are not run). The switches, all opt-in until measured:
+  #   MOECPT_SINKHORN_KERNEL=1     the Sinkhorn router as one kernel, its stopping
+  #                                test on the device (no host sync per layer)
+  #   MOECPT_MOE_COMBINE=kernel    the MoE combine and the dispatch's backward as
+  #                                moecpt's kernels
+  #   MOECPT_QKV_LAYOUT=seq_major  q and k written seq-major, so cuDNN's output
+  #                                needs no copy for the out-projection
+  #   MOECPT_RMSNORM_KERNEL=1      RMSNorm forward and backward as moecpt's kernels
+  #   MOECPT_ADD_RMSNORM_KERNEL=1  the residual adds fused into those kernels
+  # and --cuda-graph (each micro-batch replayed as a CUDA graph; the Granular
+  # model needs the Sinkhorn kernel for it). With --accum > 1 the weights' bf16
+  # copies are kept across a step's micro-batches (default; MOECPT_CAST_CACHE=0).
+  # Phases (AB_PHASES picks, e.g. "4 5" for a second call on a warm machine):
+  #   1. defaults vs all switches on ("all"), eager and as CUDA graphs, Granular and dense
+  #   2. "all" with 4 micro-batches per step, with and without the cast cache
+  #   3. the GPU tests (TESTS_REGEX), at most 120 s
+  #   4. one profiled step of Granular "all" by shapes
+  #   5. each switch left out of "all" in turn: what it is worth where it would be the default
+  #   6. phase 1 again (a second round for the medians)
+  # (Measured in session 8: MOECPT_CUDA_KERNELS=0, MOECPT_MOE_COMBINE=index_add,
   # run.residual_dtype=bfloat16.)
   D=recipes/paper/dense.toml
   GG=(--config $G "${COMMON[@]}" --expert-gemm grouped)
-  log "A/B: Sinkhorn kernel, MoE combine kernel, both; accumulation 4"
-  for round in 1 2; do
-    [ "$round" = 2 ] && [ "$(left)" -lt 220 ] && { log "skip round 2 (budget)"; break; }
-    bench granular-sinkhorn-$round 60 bench train "${GG[@]}"
-    MOECPT_SINKHORN_KERNEL=1 bench granular-sinkhorn-kernel-$round 60 bench train "${GG[@]}"
-    MOECPT_MOE_COMBINE=kernel bench granular-combine-kernel-$round 60 bench train "${GG[@]}"
-    MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-$round 60 bench train "${GG[@]}"
-    MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-graph-$round 75 bench train \
-      "${GG[@]}" --cuda-graph
-    [ "$round" = 1 ] && bench dense-$round 45 bench train --config $D "${COMMON[@]}"
-    [ "$round" = 1 ] && bench dense-graph-$round 60 bench train --config $D "${COMMON[@]}" --cuda-graph
-    [ "$round" = 1 ] && MOECPT_QKV_LAYOUT=seq_major bench dense-seq-qkv-$round 45 bench train --config $D "${COMMON[@]}"
-    [ "$round" = 1 ] && MOECPT_RMSNORM_KERNEL=1 bench dense-rmsnorm-kernel-$round 45 bench train --config $D \
-      "${COMMON[@]}"
-    [ "$round" = 1 ] && MOECPT_RMSNORM_KERNEL=1 MOECPT_ADD_RMSNORM_KERNEL=1 bench dense-norm-kernels-$round 45 \
-      bench train --config $D "${COMMON[@]}"
-    [ "$round" = 1 ] && MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel MOECPT_RMSNORM_KERNEL=1 \
-      MOECPT_ADD_RMSNORM_KERNEL=1 bench granular-four-kernels-$round 60 bench train "${GG[@]}"
-  done
-  MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-accum4 90 bench train "${GG[@]}" \
-    --accum 4
-  # (session 12) the same without the weight casts kept across micro-batches (on by default with --accum > 1)
-  [ "$(left)" -gt 150 ] && MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel MOECPT_CAST_CACHE=0 \
-    bench granular-both-kernels-accum4-no-cast-cache 90 bench train "${GG[@]}" --accum 4
-  MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel bench granular-both-kernels-profile 60 bench train --config $G \
-    --device cuda --dtype bfloat16 --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped \
-    --profile 60 --profile-shapes
+  DD=(--config $D "${COMMON[@]}")
+  DENSE_ALL=(MOECPT_QKV_LAYOUT=seq_major MOECPT_RMSNORM_KERNEL=1 MOECPT_ADD_RMSNORM_KERNEL=1)
+  ALL=(MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel "${DENSE_ALL[@]}")
+  PHASES=" ${AB_PHASES:-1 2 3 4 5 6} "
+  phase() { [[ "$PHASES" == *" $1 "* ]]; }
+  core_round() {
+    bench granular-sinkhorn-$1 60 bench train "${GG[@]}"
+    bench_env granular-all-$1 60 "${ALL[@]}" -- bench train "${GG[@]}"
+    bench_env granular-all-graph-$1 75 "${ALL[@]}" -- bench train "${GG[@]}" --cuda-graph
+    bench dense-$1 45 bench train "${DD[@]}"
+    bench_env dense-all-$1 45 "${DENSE_ALL[@]}" -- bench train "${DD[@]}"
+    bench_env dense-all-graph-$1 60 "${DENSE_ALL[@]}" -- bench train "${DD[@]}" --cuda-graph
+  }
+  # "MOECPT_SINKHORN_KERNEL=1" -> "sinkhorn-kernel"
+  arm_name() { local n=${1%%=*}; n=${n#MOECPT_}; n=${n,,}; echo "${n//_/-}"; }
+  # the arguments but $1
+  all_but() { local s=$1 t; shift; for t in "$@"; do [ "$t" != "$s" ] && echo "$t"; done; }
+  if phase 1; then log "A/B 1: defaults vs all switches, eager and as CUDA graphs"; core_round 1; fi
+  if phase 2; then
+    log "A/B 2: all switches, 4 micro-batches per step"
+    bench_env granular-all-accum4 90 "${ALL[@]}" -- bench train "${GG[@]}" --accum 4
+    bench_env granular-all-accum4-no-cast-cache 90 "${ALL[@]}" MOECPT_CAST_CACHE=0 -- bench train "${GG[@]}" --accum 4
+  fi
+  if phase 3; then log "A/B 3: the GPU tests"; run_tests 120; fi
+  if phase 4; then
+    log "A/B 4: one profiled Granular step, all switches"
+    bench_env granular-all-profile 60 "${ALL[@]}" -- bench train --config $G --device cuda --dtype bfloat16 \
+      --batch "$BATCH" --steps 1 --warmup 2 "${LFLAG[@]}" --expert-gemm grouped --profile 60 --profile-shapes
+  fi
+  if phase 5; then
+    log "A/B 5: each switch left out of all"
+    for sw in "${ALL[@]}"; do
+      mapfile -t rest < <(all_but "$sw" "${ALL[@]}")
+      bench_env "granular-all-but-$(arm_name "$sw")-1" 60 "${rest[@]}" -- bench train "${GG[@]}"
+    done
+    for sw in "${DENSE_ALL[@]}"; do
+      mapfile -t rest < <(all_but "$sw" "${DENSE_ALL[@]}")
+      bench_env "dense-all-but-$(arm_name "$sw")-1" 45 "${rest[@]}" -- bench train "${DD[@]}"
+    done
+  fi
+  if phase 6; then
+    if [ "$(left)" -ge 200 ]; then log "A/B 6: phase 1 again"; core_round 2; else log "skip A/B 6 (budget)"; fi
+  fi
   print_ab
   print_profiles
 else
@@ -340,29 +422,5 @@ else
 fi
 fi  # AB
 log "8. test suite (CPU maths) with what is left: $(left)s"
-if [ "${SKIP_TESTS:-0}" = 1 ]; then
-  log "skipped the test suite (SKIP_TESTS=1)"
-elif [ "$TESTS_BUILD" = none ]; then
-  log "skipped the test suite (no GoogleTest)"
-elif [ "$(left)" -gt 60 ]; then
-  wait "$TESTS_BUILD"
-  if tail -1 "$OUT/build-tests.log" | grep -q "^rc 0$"; then
-    log "tests built; running"
-    TR=(); [ -n "${TESTS_REGEX:-}" ] && TR=(-R "$TESTS_REGEX")
-    timeout $(( $(left) - 5 )) ctest --test-dir "$BUILD" -j"$JOBS" --timeout 120 "${TR[@]}" >"$OUT/tests.log" 2>&1
-    rc=$?
-    log "ctest rc $rc"
-    grep -E "tests passed|tests failed|\*\*\*Failed|Timeout|Not Run" "$OUT/tests.log" | head -30
-    if [ "$rc" != 0 ] && [ "$(left)" -gt 30 ]; then
-      timeout $(( $(left) - 10 )) ctest --test-dir "$BUILD" --rerun-failed --output-on-failure --timeout 120 \
-        >"$OUT/tests-failed.log" 2>&1
-      tail -c 6000 "$OUT/tests-failed.log"
-    fi
-  else
-    grep -E "error:|FAILED:" "$OUT/build-tests.log" | head -30; tail -2 "$OUT/build-tests.log"
-    log "test build failed or ran out of time"
-  fi
-else
-  log "skipped the test suite (budget)"
-fi
+run_tests
 log "done"

@@ -36,9 +36,9 @@ struct CommandResult {
   std::string output;  // stdout and stderr together
 };
 
-// Run the moecpt binary built with the tests; `args` is appended verbatim.
-inline CommandResult run_moecpt(const std::string& args) {
-  const std::string cmd = std::string(MOECPT_BINARY) + " " + args + " 2>&1";
+// Run a shell command line, stdout and stderr together.
+inline CommandResult run_command(const std::string& command_line) {
+  const std::string cmd = command_line + " 2>&1";
   CommandResult r;
   FILE* p = ::popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -49,6 +49,9 @@ inline CommandResult run_moecpt(const std::string& args) {
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return r;
 }
+
+// Run the moecpt binary built with the tests; `args` is appended verbatim.
+inline CommandResult run_moecpt(const std::string& args) { return run_command(std::string(MOECPT_BINARY) + " " + args); }
 
 inline void write_text(const std::string& path, const std::string& text) {
   FILE* f = std::fopen(path.c_str(), "wb");
