@@ -51,8 +51,10 @@ struct Fiber {
   Wait wait = Wait::kRunnable;
   int line = 0;  // of the barrier or shuffle it waits at
   unsigned mask = 0;
+  bool match = false;  // the warp op: __match_any_sync, else an xor shuffle
   int lane_mask = 0;
   float in = 0.f, out = 0.f;
+  unsigned uin = 0, uout = 0;  // match_any's value and result
 };
 
 struct State {
@@ -63,6 +65,7 @@ struct State {
   const std::function<void()>* body = nullptr;
   std::exception_ptr error;
   Order order = Order::kForward;
+  bool eager_warps = false;
   Counters counters;
   int last_error = 0;
 };
@@ -98,8 +101,9 @@ void yield_to_scheduler(Fiber& f) { swapcontext(&f.ctx, &state().scheduler); }
 }
 
 // Releases every warp whose lanes all wait at a shuffle; a warp with only some
-// of its lanes there can never complete (the others ended or wait at a barrier).
-bool release_shuffles(unsigned n) {
+// of its lanes there can never complete (the others ended or wait at a barrier)
+// when strict, else (in the middle of a round, eager warps) is left waiting.
+bool release_shuffles(unsigned n, bool strict = true) {
   auto& s = state();
   bool released = false;
   for (unsigned w0 = 0; w0 < n; w0 += kWarp) {
@@ -109,6 +113,7 @@ bool release_shuffles(unsigned n) {
     for (unsigned l = 0; l < lanes; ++l)
       if (s.fibers[w0 + l]->wait == Wait::kShuffle) ++at, line = s.fibers[w0 + l]->line;
     if (at == 0) continue;
+    if (!strict && at != lanes) continue;
     std::ostringstream where;
     where << "warp " << w0 / kWarp << ", shuffle on line " << line << ": ";
     if (lanes != kWarp) {
@@ -135,11 +140,18 @@ bool release_shuffles(unsigned n) {
       const Fiber& f = *s.fibers[w0 + l];
       if (f.mask != 0xffffffffu) fail(where.str() + "only full-mask shuffles are emulated");
       if (f.line != line) fail(where.str() + "lanes wait at shuffles on different lines");
-      if (f.lane_mask < 0 || f.lane_mask >= kWarp) fail(where.str() + "xor offset out of [0, 32)");
+      if (f.match != s.fibers[w0]->match) fail(where.str() + "lanes wait at different warp ops");
+      if (!f.match && (f.lane_mask < 0 || f.lane_mask >= kWarp)) fail(where.str() + "xor offset out of [0, 32)");
     }
     for (unsigned l = 0; l < lanes; ++l) {
       Fiber& f = *s.fibers[w0 + l];
-      f.out = s.fibers[w0 + (l ^ unsigned(f.lane_mask))]->in;
+      if (f.match) {
+        f.uout = 0;
+        for (unsigned k = 0; k < lanes; ++k)
+          if (s.fibers[w0 + k]->uin == f.uin) f.uout |= 1u << k;
+      } else {
+        f.out = s.fibers[w0 + (l ^ unsigned(f.lane_mask))]->in;
+      }
       f.wait = Wait::kRunnable;
     }
     ++s.counters.warp_shuffles;
@@ -195,6 +207,8 @@ void run_block(unsigned n) {
         s.error = nullptr;
         std::rethrow_exception(e);
       }
+      // eager warps: a warp just completed at a shuffle runs on first
+      if (s.eager_warps && f.wait == Wait::kShuffle && release_shuffles(n, /*strict=*/false)) k = unsigned(-1);
     }
     bool all_done = true;
     for (unsigned i = 0; i < n; ++i) all_done = all_done && s.fibers[i]->wait == Wait::kDone;
@@ -222,6 +236,7 @@ float shfl_xor(unsigned mask, float v, int lane_mask, int line) {
   Fiber& f = current_fiber();
   f.wait = Wait::kShuffle;
   f.mask = mask;
+  f.match = false;
   f.lane_mask = lane_mask;
   f.in = v;
   f.line = line;
@@ -229,7 +244,19 @@ float shfl_xor(unsigned mask, float v, int lane_mask, int line) {
   return f.out;
 }
 
+unsigned match_any(unsigned mask, unsigned v, int line) {
+  Fiber& f = current_fiber();
+  f.wait = Wait::kShuffle;
+  f.mask = mask;
+  f.match = true;
+  f.uin = v;
+  f.line = line;
+  yield_to_scheduler(f);
+  return f.uout;
+}
+
 void set_order(Order order) { state().order = order; }
+void set_eager_warps(bool eager) { state().eager_warps = eager; }
 
 int launch(unsigned grid, unsigned block, const std::function<void()>& body) {
   auto& s = state();

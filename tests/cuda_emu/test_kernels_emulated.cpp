@@ -121,13 +121,17 @@ void fill_normal(T* p, size_t n, std::mt19937& rng, float scale = 1.f) {
   return ::testing::AssertionSuccess();
 }
 
+// The kernel run twice: fibers in forward order, then in reverse order with
+// eager warps (emu.h): a race shows as results that differ between the two.
 template <typename F>
 void in_both_orders(F&& run) {
   cuda_emu::set_order(cuda_emu::Order::kForward);
   run(cuda_emu::Order::kForward);
   cuda_emu::set_order(cuda_emu::Order::kReverse);
+  cuda_emu::set_eager_warps(true);
   run(cuda_emu::Order::kReverse);
   cuda_emu::set_order(cuda_emu::Order::kForward);
+  cuda_emu::set_eager_warps(false);
 }
 
 // ---- the emulator itself ----------------------------------------------------
@@ -181,6 +185,47 @@ TEST(CudaEmulator, AMissingBarrierShowsAsResultsThatDependOnTheOrder) {
   // In reverse order thread t+1 has written before t reads; forward, t reads what the last launch left.
   EXPECT_EQ(next_rev[0], 2001.f);
   EXPECT_NE(next_fwd[0], 1001.f);
+}
+
+// Warp 0 resets x before its shuffle, warp 1 writes x after its own: without a
+// barrier between, a GPU may run warp 1 ahead, so x may end 0 or 1.
+void reset_race_kernel(float* out) {
+  __shared__ float x;
+  if (threadIdx.x == 0) x = 0.f;
+  const float v = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+  if (threadIdx.x == 32) x = v;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = x;
+}
+
+TEST(CudaEmulator, EagerWarpsRunAheadOfTheirBlockAcrossAShuffle) {
+  float fwd = -1, rev = -1, eager = -1;
+  ASSERT_EQ(cuda_emu::launch(1, 64, [&] { reset_race_kernel(&fwd); }), 0);
+  cuda_emu::set_order(cuda_emu::Order::kReverse);
+  ASSERT_EQ(cuda_emu::launch(1, 64, [&] { reset_race_kernel(&rev); }), 0);
+  cuda_emu::set_eager_warps(true);
+  ASSERT_EQ(cuda_emu::launch(1, 64, [&] { reset_race_kernel(&eager); }), 0);
+  cuda_emu::set_eager_warps(false);
+  cuda_emu::set_order(cuda_emu::Order::kForward);
+  // every fiber reaches the shuffle before any warp goes on, in either order...
+  EXPECT_EQ(fwd, 1.f);
+  EXPECT_EQ(rev, 1.f);
+  // ...unless warps are released as they complete: warp 1 (run first in reverse) writes before warp 0 resets
+  EXPECT_EQ(eager, 0.f);
+}
+
+// __match_any_sync: each lane gets the mask of the lanes with its value.
+void match_kernel(unsigned* out) {
+  const unsigned lane = threadIdx.x % 32;
+  out[threadIdx.x] = __match_any_sync(0xffffffffu, lane % 3 == 0 ? 7u : lane % 3);
+}
+
+TEST(CudaEmulator, MatchAnyGivesEachLaneItsPeers) {
+  std::vector<unsigned> out(64);
+  ASSERT_EQ(cuda_emu::launch(1, 64, [&] { match_kernel(out.data()); }), 0);
+  unsigned want[3] = {0, 0, 0};
+  for (unsigned l = 0; l < 32; ++l) want[l % 3] |= 1u << l;
+  for (unsigned t = 0; t < 64; ++t) EXPECT_EQ(out[t], want[(t % 32) % 3]) << "thread " << t;
 }
 
 void divergent_barrier_kernel() {
@@ -626,6 +671,56 @@ TEST(CudaKernelsEmulated, RmsNormBackwardRefusesRowsWiderThanItsRegisters) {
                                   8, partial.data(), nullptr),
             0);
   for (int j = 0; j < 8; ++j) EXPECT_EQ(partial[size_t(j)], 0.f);
+}
+
+// ---- MoE slot order ----------------------------------------------------------
+
+// The slot order against std::stable_sort of the ids (what ATen's stable sort
+// gives): order, inverse, token and counts, bit for bit. `skew`: most slots
+// on expert 0 (groups across whole warps and tiles).
+void check_slot_sort(int64_t S, int64_t E, int64_t K, bool skew) {
+  SCOPED_TRACE("S " + std::to_string(S) + " E " + std::to_string(E) + " K " + std::to_string(K) +
+               (skew ? " skewed" : ""));
+  std::mt19937 rng(uint32_t(S * 7 + E));
+  std::uniform_int_distribution<int64_t> any(0, E - 1);
+  std::bernoulli_distribution to_zero(0.8);
+  Buf<int64_t> ids{size_t(std::max<int64_t>(S, 1))}, order{size_t(std::max<int64_t>(S, 1))},
+      inverse{size_t(std::max<int64_t>(S, 1))}, token{size_t(std::max<int64_t>(S, 1))}, counts{size_t(E)};
+  Buf<int> scratch{size_t(mc::slot_sort_chunks(S) * E)};
+  for (int64_t s = 0; s < S; ++s) ids[size_t(s)] = skew && to_zero(rng) ? 0 : any(rng);
+  std::vector<int64_t> want(static_cast<size_t>(S));
+  std::iota(want.begin(), want.end(), 0);
+  std::stable_sort(want.begin(), want.end(), [&](int64_t a, int64_t b) { return ids[size_t(a)] < ids[size_t(b)]; });
+  std::vector<std::vector<int64_t>> runs;
+  in_both_orders([&](cuda_emu::Order) {
+    ASSERT_EQ(mc::slot_sort(ids.data(), S, E, K, scratch.data(), order.data(), inverse.data(), token.data(),
+                            counts.data(), nullptr),
+              0);
+    runs.emplace_back(order.data(), order.data() + S);
+  });
+  ASSERT_EQ(runs[0], runs[1]) << "the fiber order changed the result";
+  std::vector<int64_t> want_counts(static_cast<size_t>(E), 0);
+  for (int64_t s = 0; s < S; ++s) ++want_counts[size_t(ids[size_t(s)])];
+  for (int64_t p = 0; p < S; ++p) {
+    ASSERT_EQ(order[size_t(p)], want[size_t(p)]) << "position " << p;
+    ASSERT_EQ(inverse[size_t(want[size_t(p)])], p) << "slot " << want[size_t(p)];
+    ASSERT_EQ(token[size_t(p)], want[size_t(p)] / K) << "position " << p;
+  }
+  for (int64_t e = 0; e < E; ++e) EXPECT_EQ(counts[size_t(e)], want_counts[size_t(e)]) << "expert " << e;
+}
+
+TEST(CudaKernelsEmulated, SlotSortIsAStableSortByExpert) {
+  check_slot_sort(2 * 2048 + 37, 31, 3, false);  // two full chunks and a part: a partial tile and warp
+  check_slot_sort(2 * 2048 + 37, 31, 3, true);
+  check_slot_sort(3000, 256, 2, false);          // the widest: one expert per scan thread
+  check_slot_sort(700, 1, 1, false);             // one expert: the identity
+  check_slot_sort(5, 8, 1, false);               // less than a warp
+  check_slot_sort(0, 4, 1, false);               // no slots: zero counts
+  Buf<int64_t> x{4};
+  Buf<int> scratch{4};
+  EXPECT_EQ(mc::slot_sort(x.data(), 4, mc::kSlotSortMaxE + 1, 1, scratch.data(), x.data(), x.data(), x.data(),
+                          nullptr, nullptr),
+            int(cudaErrorInvalidValue));
 }
 
 // ---- Sinkhorn --------------------------------------------------------------

@@ -473,6 +473,86 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// The slot order as a stable counting sort (kernels.h slot_sort). The slots
+// are cut into chunks of kSortChunk, one block each, walked in tiles of one
+// slot per thread, in slot order. In a tile each lane finds the lanes of its
+// warp with the same expert (__match_any_sync) and its rank among the earlier
+// ones; each such group's first lane writes the group's size for its warp;
+// after a barrier a slot's position is its expert's running position in the
+// chunk, plus the sizes of its expert's groups in earlier warps, plus its rank.
+// Pass 1 (WRITE false) leaves each chunk's count per expert in `chunk` [chunks, E];
+// the scan turns them into each chunk's first position per expert; pass 2
+// (WRITE true) starts from those and writes the order.
+constexpr int kSortThreads = 256, kSortWarps = kSortThreads / 32, kSortTiles = 8;
+constexpr int64_t kSortChunk = int64_t(kSortThreads) * kSortTiles;
+
+template <bool WRITE>
+__global__ void __launch_bounds__(kSortThreads)
+    slot_sort_kernel(const int64_t* __restrict__ ids, int64_t S, int E, int64_t K, int* __restrict__ chunk,
+                     int64_t* __restrict__ order, int64_t* __restrict__ inverse, int64_t* __restrict__ token) {
+  __shared__ int run[kSlotSortMaxE];               // per expert: the chunk's count so far (+ its first position)
+  __shared__ int group[kSortWarps][kSlotSortMaxE];  // per warp and expert: the tile's group size (else 0)
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int64_t c = blockIdx.x;
+  for (int e = tid; e < E; e += kSortThreads) {
+    run[e] = WRITE ? chunk[c * E + e] : 0;
+    for (int w = 0; w < kSortWarps; ++w) group[w][e] = 0;
+  }
+  __syncthreads();
+  for (int tile = 0; tile < kSortTiles; ++tile) {
+    const int64_t s = c * kSortChunk + int64_t(tile) * kSortThreads + tid;
+    const int64_t id = s < S ? ids[s] : -1;
+    const bool in = id >= 0 && id < E;  // past the end (or an id out of range): in no group
+    const int e = in ? int(id) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, unsigned(e));
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    if (in && rank == 0) group[warp][e] = __popc(peers);
+    __syncthreads();
+    if (WRITE && in) {
+      int64_t pos = run[e] + rank;
+      for (int w = 0; w < warp; ++w) pos += group[w][e];
+      order[pos] = s;
+      inverse[s] = pos;
+      token[pos] = s / K;
+    }
+    __syncthreads();
+    for (int x = tid; x < E; x += kSortThreads) {
+      int n = 0;
+      for (int w = 0; w < kSortWarps; ++w) n += group[w][x], group[w][x] = 0;
+      run[x] += n;
+    }
+    __syncthreads();
+  }
+  if (!WRITE)
+    for (int e = tid; e < E; e += kSortThreads) chunk[c * E + e] = run[e];
+}
+
+// Per expert e (thread e): the chunks' counts → each chunk's first position,
+// the expert's own offset (all slots of experts < e) added; counts[e] the total.
+__global__ void __launch_bounds__(kSlotSortMaxE)
+    slot_sort_scan_kernel(int* __restrict__ chunk, int64_t chunks, int E, int64_t* __restrict__ counts) {
+  __shared__ int total[kSlotSortMaxE], offset[kSlotSortMaxE];
+  const int e = threadIdx.x;
+  int sum = 0;
+  if (e < E)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int n = chunk[c * E + e];
+      chunk[c * E + e] = sum;
+      sum += n;
+    }
+  total[e] = sum;
+  __syncthreads();
+  if (e == 0) {
+    int acc = 0;
+    for (int x = 0; x < E; ++x) offset[x] = acc, acc += total[x];
+  }
+  __syncthreads();
+  if (e < E) {
+    for (int64_t c = 0; c < chunks; ++c) chunk[c * E + e] += offset[e];
+    if (counts != nullptr) counts[e] = total[e];
+  }
+}
+
 constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t total) {
@@ -692,6 +772,20 @@ int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w,
                                                                      rows, D, dx, ld_dx, dw_partial, st)
                                 : rms_norm_backward_t<float>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx,
                                                              ld_dx, dw_partial, st);
+}
+
+int64_t slot_sort_chunks(int64_t S) { return std::max<int64_t>(1, (S + kSortChunk - 1) / kSortChunk); }
+
+int slot_sort(const int64_t* ids, int64_t S, int64_t E, int64_t K, int* scratch, int64_t* order, int64_t* inverse,
+              int64_t* token, int64_t* counts, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (E < 1 || E > kSlotSortMaxE || K < 1 || S < 0 || S >= (int64_t(1) << 31)) return int(cudaErrorInvalidValue);
+  const int64_t chunks = slot_sort_chunks(S);
+  const auto grid = unsigned(chunks);
+  launch(slot_sort_kernel<false>, grid, kSortThreads, st, ids, S, int(E), K, scratch, order, inverse, token);
+  launch(slot_sort_scan_kernel, 1, unsigned(kSlotSortMaxE), st, scratch, chunks, int(E), counts);
+  launch(slot_sort_kernel<true>, grid, kSortThreads, st, ids, S, int(E), K, scratch, order, inverse, token);
+  return int(cudaGetLastError());
 }
 
 int cross_entropy_rows(const float* logits, int64_t ld, const int64_t* targets, int64_t rows, int64_t V,

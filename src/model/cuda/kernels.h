@@ -99,4 +99,19 @@ int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w,
                           int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D, void* dx,
                           int64_t ld_dx, float* dw_partial, void* stream);
 
+// The MoE layer's slot order (model/moe_slots.h) as a stable counting sort.
+// Slots s < S carry expert ids ids[s] in [0, E) (int64; 1 ≤ E ≤ kSlotSortMaxE,
+// S < 2^31), K slots per token. Writes, all int64:
+//   order [S]    the slots sorted by expert, equal experts in slot order (as a
+//                stable sort of ids);
+//   inverse [S]  order[inverse[s]] = s;
+//   token [S]    order / K, the token of each sorted slot;
+//   counts [E]   slots per expert (null: not written).
+// scratch: int32 [slot_sort_chunks(S), E]. Three launches (per-chunk counts,
+// their prefix sums, the positions), no host sync.
+constexpr int64_t kSlotSortMaxE = 256;
+int64_t slot_sort_chunks(int64_t S);
+int slot_sort(const int64_t* ids, int64_t S, int64_t E, int64_t K, int* scratch, int64_t* order, int64_t* inverse,
+              int64_t* token, int64_t* counts, void* stream);
+
 }  // namespace moecpt::cuda

@@ -34,3 +34,5 @@ inline cudaError_t cudaGetLastError() { return cudaError_t(cuda_emu::take_last_e
 #define gridDim (::cuda_emu::grid_dim())
 #define __syncthreads() ::cuda_emu::syncthreads(__LINE__)
 #define __shfl_xor_sync(mask, v, lane_mask) ::cuda_emu::shfl_xor((mask), (v), (lane_mask), __LINE__)
+#define __match_any_sync(mask, v) ::cuda_emu::match_any((mask), unsigned(v), __LINE__)
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
