@@ -298,6 +298,7 @@ if [ "${AB:-0}" = 1 ]; then
   #                                test on the device (no host sync per layer)
   #   MOECPT_MOE_COMBINE=kernel    the MoE combine and the dispatch's backward as
   #                                moecpt's kernels
+  #   MOECPT_SLOT_SORT_KERNEL=1    the MoE slot order as a counting sort
   #   MOECPT_QKV_LAYOUT=seq_major  q and k written seq-major, so cuDNN's output
   #                                needs no copy for the out-projection
   #   MOECPT_RMSNORM_KERNEL=1      RMSNorm forward and backward as moecpt's kernels
@@ -318,7 +319,7 @@ if [ "${AB:-0}" = 1 ]; then
   GG=(--config $G "${COMMON[@]}" --expert-gemm grouped)
   DD=(--config $D "${COMMON[@]}")
   DENSE_ALL=(MOECPT_QKV_LAYOUT=seq_major MOECPT_RMSNORM_KERNEL=1 MOECPT_ADD_RMSNORM_KERNEL=1)
-  ALL=(MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel "${DENSE_ALL[@]}")
+  ALL=(MOECPT_SINKHORN_KERNEL=1 MOECPT_MOE_COMBINE=kernel MOECPT_SLOT_SORT_KERNEL=1 "${DENSE_ALL[@]}")
   PHASES=" ${AB_PHASES:-1 2 3 4 5 6} "
   phase() { [[ "$PHASES" == *" $1 "* ]]; }
   core_round() {

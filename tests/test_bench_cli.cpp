@@ -165,7 +165,8 @@ TEST(BenchCli, WeightCastsAreKeptAcrossTheMicroBatchesOfAStep) {
 }
 
 // The A/B switches of the kernels (MOECPT_FUSED_ROPE, MOECPT_MOE_COMBINE,
-// MOECPT_CUDA_KERNELS, MOECPT_QKV_LAYOUT, MOECPT_RMSNORM_KERNEL, MOECPT_ADD_RMSNORM_KERNEL) are reported in the JSON with the host's enqueue time,
+// MOECPT_CUDA_KERNELS, MOECPT_QKV_LAYOUT, MOECPT_RMSNORM_KERNEL, MOECPT_ADD_RMSNORM_KERNEL,
+// MOECPT_SLOT_SORT_KERNEL) are reported in the JSON with the host's enqueue time,
 // and a bad value is refused by name. setenv reaches the child through popen.
 TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   const std::string cmd = "bench train --config " + kRecipes + "mini/granular-sinkhorn.toml" + kTiny +
@@ -182,6 +183,7 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   EXPECT_EQ(j["sinkhorn_kernel"], false);
   EXPECT_EQ(j["rms_norm"], "aten");  // the kernel is CUDA only
   EXPECT_EQ(j["add_rms_norm"], "aten");
+  EXPECT_EQ(j["slot_sort"], "aten");
   EXPECT_EQ(j["head_fp32_dw"], false);  // CUDA only
   EXPECT_EQ(j["head_ce_kernel"], false);
   EXPECT_GT(j["host_ms_per_step"]["median"].get<double>(), 0.0);
@@ -214,6 +216,13 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   EXPECT_EQ(bad.exit_code, 1) << bad.output;
   EXPECT_NE(bad.output.find("MOECPT_ADD_RMSNORM_KERNEL must be 0 or 1, got 'fused'"), std::string::npos) << bad.output;
   ::unsetenv("MOECPT_ADD_RMSNORM_KERNEL");
+  ::setenv("MOECPT_SLOT_SORT_KERNEL", "1", 1);
+  EXPECT_EQ(parse()["slot_sort"], "aten");  // CUDA only
+  ::setenv("MOECPT_SLOT_SORT_KERNEL", "2", 1);
+  bad = moecpt::testing::run_moecpt(cmd);
+  EXPECT_EQ(bad.exit_code, 1) << bad.output;
+  EXPECT_NE(bad.output.find("MOECPT_SLOT_SORT_KERNEL must be 0 or 1, got '2'"), std::string::npos) << bad.output;
+  ::unsetenv("MOECPT_SLOT_SORT_KERNEL");
   ::setenv("MOECPT_CUDA_KERNELS", "yes", 1);
   bad = moecpt::testing::run_moecpt(cmd);
   EXPECT_EQ(bad.exit_code, 1) << bad.output;

@@ -233,6 +233,30 @@ TEST(CudaKernels, ResidualAddWithRmsNormMatchesAnFp64ReferenceOnAGpu) {
                           "add_rms_norm_kernel: a must have x's shape and device");
 }
 
+// The counting-sort slot order on a GPU against ATen's stable sort of the same
+// ids: order, inverse and token to the element, counts against bincount;
+// uniform and skewed ids, a partial last chunk, the widest expert count.
+TEST(CudaKernels, SlotSortMatchesAStableSortOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(8);
+  const int64_t cases[][3] = {{16384, 31, 3}, {16384 + 5, 31, 3}, {999, 256, 2}, {77, 1, 1}, {40000, 64, 8}};
+  for (const auto& c : cases) {
+    const int64_t T = c[0], E = c[1], K = c[2];
+    for (bool skew : {false, true}) {
+      const std::string what = "T " + std::to_string(T) + " E " + std::to_string(E) + (skew ? " skewed" : "");
+      auto ids = torch::randint(E, {T * K}, torch::TensorOptions().device(torch::kCUDA).dtype(torch::kInt64));
+      if (skew) ids = torch::where(torch::rand({T * K}, ids.options().dtype(torch::kFloat32)) < 0.8,
+                                   torch::zeros_like(ids), ids);
+      const auto r = cuda_slot_sort(ids, E, K);
+      const auto order = std::get<1>(ids.sort(c10::optional<bool>(true), 0));
+      EXPECT_TRUE(torch::equal(r.order_S, order)) << what;
+      EXPECT_TRUE(torch::equal(r.order_S.index_select(0, r.inverse_S), torch::arange(T * K, ids.options()))) << what;
+      EXPECT_TRUE(torch::equal(r.token_S, order.div(K, "floor"))) << what;
+      EXPECT_TRUE(torch::equal(r.counts_E, ids.bincount({}, E))) << what;
+    }
+  }
+}
+
 TEST(CudaKernels, GatedActivationMatchesAnFp64ReferenceOnAGpu) {
   if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
   torch::manual_seed(5);

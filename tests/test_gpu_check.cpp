@@ -68,7 +68,7 @@ TEST(GpuCheck, DryRunOfTheAbPlanTurnsEverySwitchOnThenLeavesEachOut) {
   EXPECT_EQ(log.find("skip "), std::string::npos) << "nothing skipped with this budget:\n" << log;
 
   const auto all = switches_in(run_line(log, "granular-all-1"));
-  ASSERT_EQ(all.size(), 5u) << log;
+  ASSERT_EQ(all.size(), 6u) << log;
   for (const auto& name : all) EXPECT_TRUE(source_mentions(name)) << name << " is read nowhere in src/";
   EXPECT_EQ(run_line(log, "granular-sinkhorn-1").find("MOECPT_"), std::string::npos);
   EXPECT_NE(run_line(log, "granular-all-graph-1").find("--cuda-graph"), std::string::npos);
@@ -77,12 +77,13 @@ TEST(GpuCheck, DryRunOfTheAbPlanTurnsEverySwitchOnThenLeavesEachOut) {
   EXPECT_NE(run_line(log, "granular-all-profile").find("--profile"), std::string::npos);
   EXPECT_NE(run_line(log, "granular-sinkhorn-2"), "");  // the second round
 
-  // each left out in turn: the other four stay
+  // each left out in turn: the others stay
   int leave_one_out = 0;
   for (const auto& left_out : all) {
     std::string arm;
     for (const auto& [tag, name] : std::vector<std::pair<std::string, std::string>>{
              {"sinkhorn-kernel", "MOECPT_SINKHORN_KERNEL"}, {"moe-combine", "MOECPT_MOE_COMBINE"},
+             {"slot-sort-kernel", "MOECPT_SLOT_SORT_KERNEL"},
              {"qkv-layout", "MOECPT_QKV_LAYOUT"}, {"rmsnorm-kernel", "MOECPT_RMSNORM_KERNEL"},
              {"add-rmsnorm-kernel", "MOECPT_ADD_RMSNORM_KERNEL"}})
       if (name == left_out) arm = "granular-all-but-" + tag + "-1";
@@ -93,7 +94,7 @@ TEST(GpuCheck, DryRunOfTheAbPlanTurnsEverySwitchOnThenLeavesEachOut) {
     EXPECT_EQ(std::set<std::string>(got.begin(), got.end()), want) << arm;
     ++leave_one_out;
   }
-  EXPECT_EQ(leave_one_out, 5);
+  EXPECT_EQ(leave_one_out, 6);
   // dense: the three switches that apply to it, and each left out
   EXPECT_EQ(switches_in(run_line(log, "dense-all-1")).size(), 3u);
   EXPECT_EQ(switches_in(run_line(log, "dense-all-but-qkv-layout-1")).size(), 2u);

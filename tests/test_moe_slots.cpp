@@ -9,6 +9,7 @@
 #include "gradcheck.h"
 
 #include "core/error.h"
+#include "model/cuda_kernels.h"
 #include "model/moe_slots.h"
 
 using namespace moecpt;
@@ -142,3 +143,19 @@ TEST(MoESlots, TheKernelChoiceFallsBackToTheGathersOffCuda) {
   expect_error_containing([&] { dispatch_slots_cuda(x, o); }, "needs fp32/bf16 CUDA rows");
 }
 
+
+// The counting-sort slot order (MOECPT_SLOT_SORT_KERNEL) is CUDA only: off
+// CUDA the sort runs whatever the switch says, and the kernel's entry point
+// refuses CPU ids and expert counts it cannot take, by name. (Its order is
+// checked against std::stable_sort under the CPU emulation, tests/cuda_emu,
+// and against ATen's stable sort on a GPU, test_cuda_kernels.cpp.)
+TEST(MoESlots, TheSlotSortKernelIsCudaOnlyAndRefusesWhatItCannotSort) {
+  auto ids = torch::randint(31, {10, 3}, torch::kInt64);
+  EXPECT_FALSE(use_slot_sort_kernel(ids.reshape({-1}), 31));
+  expect_error_containing([&] { cuda_slot_sort(ids.reshape({-1}), 31, 3); },
+                          "cuda_slot_sort: the expert ids must be a contiguous int64 CUDA [S] tensor");
+  if (torch::cuda::is_available()) {
+    auto on_gpu = ids.reshape({-1}).cuda();
+    expect_error_containing([&] { cuda_slot_sort(on_gpu, 0, 3); }, "cuda_slot_sort: needs 1 <= E <=");
+  }
+}

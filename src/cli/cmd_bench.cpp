@@ -327,6 +327,11 @@ void run_bench_train(const BenchOptions& o) {
   const auto& norm_w = model->final_norm->weight_D;
   const bool rms_norm_kernel = mc.norm == "rmsnorm" && model::use_rms_norm_kernel(stream_row, norm_w);
   model::add_rms_norm_kernel_requested();  // read here too: a bad MOECPT_ADD_RMSNORM_KERNEL is an error anywhere
+  model::slot_sort_kernel_requested();  // likewise MOECPT_SLOT_SORT_KERNEL
+  const bool slot_sort_kernel =
+      mc.ffn == "moe" && model::use_slot_sort_kernel(torch::empty({1}, torch::TensorOptions().device(dev).dtype(
+                                                                             torch::kInt64)),
+                                                     mc.n_experts);
   const bool add_rms_norm_kernel =
       mc.norm == "rmsnorm" && model::use_add_rms_norm_kernel(stream_row, attn_row, norm_w);
   // MOECPT_MOE_COMBINE, as it applies to this device and dtype ("kernel" only on CUDA)
@@ -405,6 +410,7 @@ void run_bench_train(const BenchOptions& o) {
       {"sinkhorn_kernel", sinkhorn_kernel},
       {"rms_norm", mc.norm != "rmsnorm" ? "none (layernorm)" : rms_norm_kernel ? "kernel" : "aten"},
       {"add_rms_norm", mc.norm != "rmsnorm" ? "none (layernorm)" : add_rms_norm_kernel ? "kernel" : "aten"},
+      {"slot_sort", mc.ffn != "moe" ? "none" : slot_sort_kernel ? "kernel" : "aten"},
       {"cpu_fast_bf16_matmul", fast_bf16},
       {"tokens_per_step", int64_t(tokens_per_step)},
       {"warmup_steps", o.warmup},
@@ -484,6 +490,7 @@ void run_bench_train(const BenchOptions& o) {
                                            : "not built (-DMOECPT_CUDA_KERNELS=ON)");
   if (sinkhorn_kernel) std::printf("  Sinkhorn: one CUDA kernel, stopping test on the device (MOECPT_SINKHORN_KERNEL=1)\n");
   if (rms_norm_kernel) std::printf("  RMSNorm: moecpt's CUDA kernels (MOECPT_RMSNORM_KERNEL=1)\n");
+  if (slot_sort_kernel) std::printf("  MoE slot order: moecpt's counting sort (MOECPT_SLOT_SORT_KERNEL=1)\n");
   if (add_rms_norm_kernel)
     std::printf("  residual add + RMSNorm in the blocks: one fused kernel each way (MOECPT_ADD_RMSNORM_KERNEL=1)\n");
   if (bf16_stream) std::printf("  residual stream: bfloat16\n");

@@ -313,6 +313,36 @@ void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a
 #endif
 }
 
+int64_t cuda_slot_sort_max_experts() {
+#ifdef MOECPT_CUDA_KERNELS
+  return cuda::kSlotSortMaxE;
+#else
+  return 0;
+#endif
+}
+
+CudaSlotOrder cuda_slot_sort(const torch::Tensor& ids_S, int64_t E, int64_t K) {
+  if (!ids_S.is_cuda() || ids_S.scalar_type() != torch::kInt64 || ids_S.dim() != 1 || !ids_S.is_contiguous())
+    throw Error("cuda_slot_sort: the expert ids must be a contiguous int64 CUDA [S] tensor");
+  if (E < 1 || E > cuda_slot_sort_max_experts() || K < 1)
+    throw Error("cuda_slot_sort: needs 1 <= E <= " + std::to_string(cuda_slot_sort_max_experts()) +
+                " experts and K >= 1, got E = " + std::to_string(E) + ", K = " + std::to_string(K));
+  const int64_t S = ids_S.size(0);
+  if (S >= (int64_t(1) << 31)) throw Error("cuda_slot_sort: more than 2^31 - 1 slots");
+  CudaSlotOrder r{torch::empty({S}, ids_S.options()), torch::empty({S}, ids_S.options()),
+                  torch::empty({S}, ids_S.options()), torch::empty({E}, ids_S.options())};
+#ifdef MOECPT_CUDA_KERNELS
+  auto scratch = torch::empty({cuda::slot_sort_chunks(S), E}, ids_S.options().dtype(torch::kInt32));
+  check_launch(cuda::slot_sort(ids_S.data_ptr<int64_t>(), S, E, K, scratch.data_ptr<int>(),
+                               r.order_S.data_ptr<int64_t>(), r.inverse_S.data_ptr<int64_t>(),
+                               r.token_S.data_ptr<int64_t>(), r.counts_E.data_ptr<int64_t>(), current_stream(ids_S)),
+               "slot_sort");
+#else
+  not_built();
+#endif
+  return r;
+}
+
 CudaSinkhornResult cuda_sinkhorn(const torch::Tensor& C_TE, double tol, int64_t max_iters, double eps) {
   if (!C_TE.is_cuda() || C_TE.scalar_type() != torch::kFloat32 || C_TE.dim() != 2 || !C_TE.is_contiguous() ||
       C_TE.size(1) < 1 || C_TE.size(1) > 64)

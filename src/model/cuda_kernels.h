@@ -65,6 +65,16 @@ void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a
                                double eps, const torch::Tensor& h_ND, const torch::Tensor& y_ND,
                                const torch::Tensor& rstd_N);
 
+// The MoE slot order (model/moe_slots.h) as moecpt's stable counting sort:
+// ids_S int64 CUDA [S] (contiguous) with values in [0, E), 1 ≤ E ≤
+// cuda_slot_sort_max_experts(), K slots per token. The same order as a stable
+// sort of ids_S, its inverse, order / K and the count per expert, all int64.
+struct CudaSlotOrder {
+  torch::Tensor order_S, inverse_S, token_S, counts_E;
+};
+int64_t cuda_slot_sort_max_experts();
+CudaSlotOrder cuda_slot_sort(const torch::Tensor& ids_S, int64_t E, int64_t K);
+
 // Sinkhorn balancing of C [T, E] (fp32 CUDA, contiguous, 1 ≤ E ≤ 64) in one
 // kernel with its stopping test on the device (no host read): d0 [T], d1 [E]
 // and stats [2] = (iterations, final mean |d1 − d1_prev|), fp32 on the device.

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 
+#include "core/env.h"
 #include "core/error.h"
 #include "model/cuda_kernels.h"
 
@@ -115,6 +116,11 @@ SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK, int64_t n_exper
   SlotOrder o;
   o.top_k = topk_ids_TK.size(1);
   auto ids_S = topk_ids_TK.reshape({-1});
+  if (use_slot_sort_kernel(ids_S, n_experts)) {
+    auto r = cuda_slot_sort(ids_S.to(torch::kInt64).contiguous(), n_experts, o.top_k);
+    o.order_S = r.order_S, o.inverse_S = r.inverse_S, o.token_S = r.token_S;
+    return o;
+  }
   auto keys_S = n_experts <= 0           ? ids_S
                 : n_experts <= 256       ? ids_S.to(torch::kUInt8)
                 : n_experts <= 32768     ? ids_S.to(torch::kInt16)
@@ -174,6 +180,16 @@ torch::Tensor combine_slots_cuda(const torch::Tensor& y_SD, const torch::Tensor&
                 " slots of the order");
   if (!use_cuda_kernels(y_SD)) throw Error("combine_slots_cuda: needs fp32/bf16 CUDA rows and moecpt's CUDA kernels");
   return CombineSlotsCuda::apply(y_SD, gates_TK, o.inverse_S);
+}
+
+bool slot_sort_kernel_requested() {
+  static const bool on = env_switch("MOECPT_SLOT_SORT_KERNEL", false);
+  return on;
+}
+
+bool use_slot_sort_kernel(const torch::Tensor& ids, int64_t n_experts) {
+  return slot_sort_kernel_requested() && ids.is_cuda() && cuda_kernels_enabled() && n_experts >= 1 &&
+         n_experts <= cuda_slot_sort_max_experts();
 }
 
 SlotOps slot_ops_from_env() {

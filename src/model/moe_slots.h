@@ -43,7 +43,16 @@ struct SlotOrder {
 // narrowest integer type that holds them (uint8 up to 256 experts): a radix
 // sort's passes scale with the key's bits (ATen's CUDA sort does all of them),
 // and the order is the same. n_experts = 0 sorts the int64 ids as they are.
+//
+// On CUDA with MOECPT_SLOT_SORT_KERNEL=1 and 1 ≤ n_experts ≤ 256: moecpt's
+// counting sort (model/cuda_kernels.h cuda_slot_sort), the same order in three
+// launches instead of ATen's radix sort, a scatter and a division. Opt-in until
+// a GPU has timed it (session 8's H100 profile: the sort alone 3.7 ms per step).
 SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK, int64_t n_experts = 0);
+// MOECPT_SLOT_SORT_KERNEL: 0 (default) or 1, read once; else an error naming it.
+bool slot_sort_kernel_requested();
+// Requested, the kernels built and enabled, ids on CUDA, 1 ≤ n_experts ≤ 256.
+bool use_slot_sort_kernel(const torch::Tensor& ids, int64_t n_experts);
 
 // x_TD [T, D] → x_SD [T·K, D] in expert order. Differentiable in x.
 torch::Tensor dispatch_slots(const torch::Tensor& x_TD, const SlotOrder& o);
