@@ -253,6 +253,7 @@ TEST(CudaKernels, SlotSortMatchesAStableSortOnAGpu) {
       EXPECT_TRUE(torch::equal(r.order_S.index_select(0, r.inverse_S), torch::arange(T * K, ids.options()))) << what;
       EXPECT_TRUE(torch::equal(r.token_S, order.div(K, "floor"))) << what;
       EXPECT_TRUE(torch::equal(r.counts_E, ids.bincount({}, E))) << what;
+      EXPECT_TRUE(torch::equal(cuda_expert_counts(ids, E), r.counts_E)) << what;
     }
   }
 }

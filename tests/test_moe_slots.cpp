@@ -154,6 +154,8 @@ TEST(MoESlots, TheSlotSortKernelIsCudaOnlyAndRefusesWhatItCannotSort) {
   EXPECT_FALSE(use_slot_sort_kernel(ids.reshape({-1}), 31));
   expect_error_containing([&] { cuda_slot_sort(ids.reshape({-1}), 31, 3); },
                           "cuda_slot_sort: the expert ids must be a contiguous int64 CUDA [S] tensor");
+  expect_error_containing([&] { cuda_expert_counts(ids.reshape({-1}), 31); },
+                          "cuda_expert_counts: the expert ids must be a contiguous int64 CUDA [S] tensor");
   if (torch::cuda::is_available()) {
     auto on_gpu = ids.reshape({-1}).cuda();
     expect_error_containing([&] { cuda_slot_sort(on_gpu, 0, 3); }, "cuda_slot_sort: needs 1 <= E <=");

@@ -321,14 +321,37 @@ int64_t cuda_slot_sort_max_experts() {
 #endif
 }
 
-CudaSlotOrder cuda_slot_sort(const torch::Tensor& ids_S, int64_t E, int64_t K) {
+namespace {
+
+void check_slot_ids(const torch::Tensor& ids_S, int64_t E, int64_t K, const char* what) {
   if (!ids_S.is_cuda() || ids_S.scalar_type() != torch::kInt64 || ids_S.dim() != 1 || !ids_S.is_contiguous())
-    throw Error("cuda_slot_sort: the expert ids must be a contiguous int64 CUDA [S] tensor");
+    throw Error(std::string(what) + ": the expert ids must be a contiguous int64 CUDA [S] tensor");
   if (E < 1 || E > cuda_slot_sort_max_experts() || K < 1)
-    throw Error("cuda_slot_sort: needs 1 <= E <= " + std::to_string(cuda_slot_sort_max_experts()) +
+    throw Error(std::string(what) + ": needs 1 <= E <= " + std::to_string(cuda_slot_sort_max_experts()) +
                 " experts and K >= 1, got E = " + std::to_string(E) + ", K = " + std::to_string(K));
+  if (ids_S.size(0) >= (int64_t(1) << 31)) throw Error(std::string(what) + ": more than 2^31 - 1 slots");
+}
+
+}  // namespace
+
+torch::Tensor cuda_expert_counts(const torch::Tensor& ids_S, int64_t E) {
+  check_slot_ids(ids_S, E, 1, "cuda_expert_counts");
+  auto counts = torch::empty({E}, ids_S.options());
+#ifdef MOECPT_CUDA_KERNELS
   const int64_t S = ids_S.size(0);
-  if (S >= (int64_t(1) << 31)) throw Error("cuda_slot_sort: more than 2^31 - 1 slots");
+  auto scratch = torch::empty({cuda::slot_sort_chunks(S), E}, ids_S.options().dtype(torch::kInt32));
+  check_launch(cuda::expert_counts(ids_S.data_ptr<int64_t>(), S, E, scratch.data_ptr<int>(),
+                                   counts.data_ptr<int64_t>(), current_stream(ids_S)),
+               "expert_counts");
+#else
+  not_built();
+#endif
+  return counts;
+}
+
+CudaSlotOrder cuda_slot_sort(const torch::Tensor& ids_S, int64_t E, int64_t K) {
+  check_slot_ids(ids_S, E, K, "cuda_slot_sort");
+  const int64_t S = ids_S.size(0);
   CudaSlotOrder r{torch::empty({S}, ids_S.options()), torch::empty({S}, ids_S.options()),
                   torch::empty({S}, ids_S.options()), torch::empty({E}, ids_S.options())};
 #ifdef MOECPT_CUDA_KERNELS

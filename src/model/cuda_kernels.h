@@ -74,6 +74,8 @@ struct CudaSlotOrder {
 };
 int64_t cuda_slot_sort_max_experts();
 CudaSlotOrder cuda_slot_sort(const torch::Tensor& ids_S, int64_t E, int64_t K);
+// Its counts per expert alone (two launches, no atomics): int64 [E].
+torch::Tensor cuda_expert_counts(const torch::Tensor& ids_S, int64_t E);
 
 // Sinkhorn balancing of C [T, E] (fp32 CUDA, contiguous, 1 ≤ E ≤ 64) in one
 // kernel with its stopping test on the device (no host read): d0 [T], d1 [E]

@@ -46,8 +46,10 @@ struct SlotOrder {
 //
 // On CUDA with MOECPT_SLOT_SORT_KERNEL=1 and 1 ≤ n_experts ≤ 256: moecpt's
 // counting sort (model/cuda_kernels.h cuda_slot_sort), the same order in three
-// launches instead of ATen's radix sort, a scatter and a division. Opt-in until
-// a GPU has timed it (session 8's H100 profile: the sort alone 3.7 ms per step).
+// launches instead of ATen's radix sort, a scatter and a division; the routers
+// then count tokens per expert with its counting pass (Router::count_tokens).
+// Opt-in until a GPU has timed it (session 8's H100 profile: the sort alone
+// 3.7 ms per step).
 SlotOrder sort_slots_by_expert(const torch::Tensor& topk_ids_TK, int64_t n_experts = 0);
 // MOECPT_SLOT_SORT_KERNEL: 0 (default) or 1, read once; else an error naming it.
 bool slot_sort_kernel_requested();

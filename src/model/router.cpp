@@ -1,6 +1,8 @@
 #include "model/router.h"
 
 #include "core/error.h"
+#include "model/cuda_kernels.h"
+#include "model/moe_slots.h"
 #include "model/router_bias.h"
 #include "model/router_sinkhorn.h"
 #include "model/router_topk.h"
@@ -33,6 +35,8 @@ torch::Tensor Router::gather_gates(const torch::Tensor& scores_TE,
 
 torch::Tensor Router::count_tokens(const torch::Tensor& topk_ids_TK) const {
   auto ids_S = topk_ids_TK.reshape({-1});
+  // with MOECPT_SLOT_SORT_KERNEL=1 on CUDA: the slot sort's counting pass (no atomics)
+  if (use_slot_sort_kernel(ids_S, n_experts_)) return cuda_expert_counts(ids_S.contiguous(), n_experts_);
   return torch::zeros({n_experts_}, ids_S.options()).scatter_add_(0, ids_S, torch::ones_like(ids_S));
 }
 

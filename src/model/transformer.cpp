@@ -57,20 +57,19 @@ TransformerImpl::TransformerImpl(const ModelConfig& mc, const RouterConfig& rc) 
 
 namespace {
 
-// One block through model/activation_checkpoint.h: inputs x, the rotary
-// tables and the previous block's output a when there is one; outputs the
-// block's {h, y} and, for an MoE block, its aux and z losses, which must be
+// One block through model/activation_checkpoint.h: inputs the stream x (summed:
+// one saved tensor per checkpoint) and the rotary tables; outputs the block's
+// {h, y} and, for an MoE block, its aux and z losses, which must be
 // outputs of the recomputed piece so that their gradients reach the router.
 // The routing of the forward pass (counts, ids, scores: no gradients needed)
 // is published into `routing` with the differentiable losses put back.
 std::pair<torch::Tensor, torch::Tensor> checkpointed_block(const Block& block, const torch::Tensor& x_BTD,
-                                                           const torch::Tensor& a_BTD, const RotaryTables& rope,
-                                                           std::vector<RoutingInfo>& routing) {
+                                                           const RotaryTables& rope, std::vector<RoutingInfo>& routing) {
   std::vector<RoutingInfo> first;
   auto* first_pass_routing = &first;  // written only during checkpointed() below
   auto fn = [impl = block.ptr(), first_pass_routing](const std::vector<torch::Tensor>& in, bool first_pass) {
     std::vector<RoutingInfo> r;
-    auto [h, y] = impl->forward(in[0], in.size() > 3 ? in[3] : torch::Tensor(), RotaryTables{in[1], in[2]}, r);
+    auto [h, y] = impl->forward(in[0], torch::Tensor(), RotaryTables{in[1], in[2]}, r);
     std::vector<torch::Tensor> outs{h, y};
     if (!r.empty()) {
       outs.push_back(r[0].aux_loss);
@@ -79,9 +78,7 @@ std::pair<torch::Tensor, torch::Tensor> checkpointed_block(const Block& block, c
     if (first_pass) *first_pass_routing = std::move(r);
     return outs;
   };
-  std::vector<torch::Tensor> inputs{x_BTD, rope.cos_TR, rope.sin_TR};
-  if (a_BTD.defined()) inputs.push_back(a_BTD);
-  auto outs = checkpointed(fn, inputs);
+  auto outs = checkpointed(fn, {x_BTD, rope.cos_TR, rope.sin_TR});
   if (!first.empty()) {
     first[0].aux_loss = outs[2];
     first[0].z_loss = outs[3];
@@ -107,9 +104,13 @@ torch::Tensor TransformerImpl::hidden_states(const torch::Tensor& tokens_BT, std
   const bool recompute = ac_every_ > 0 && torch::GradMode::is_enabled();
   torch::Tensor a_BTD;  // the last block's output, added to the stream by the next norm
   for (size_t l = 0; l < blocks_.size(); ++l) {
-    std::tie(x_BTD, a_BTD) = recompute && int64_t(l) % ac_every_ == 0
-                                 ? checkpointed_block(blocks_[l], x_BTD, a_BTD, rope, routing)
-                                 : blocks_[l](x_BTD, a_BTD, rope, routing);
+    if (recompute && int64_t(l) % ac_every_ == 0) {
+      // a checkpoint keeps its inputs: the stream summed (one tensor, not two; this add is not fused)
+      if (a_BTD.defined()) x_BTD = x_BTD + a_BTD;
+      std::tie(x_BTD, a_BTD) = checkpointed_block(blocks_[l], x_BTD, rope, routing);
+    } else {
+      std::tie(x_BTD, a_BTD) = blocks_[l](x_BTD, a_BTD, rope, routing);
+    }
   }
   return a_BTD.defined() ? final_norm->add_forward(x_BTD, a_BTD).second : final_norm(x_BTD);
 }

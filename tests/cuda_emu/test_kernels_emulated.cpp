@@ -707,6 +707,10 @@ void check_slot_sort(int64_t S, int64_t E, int64_t K, bool skew) {
     ASSERT_EQ(token[size_t(p)], want[size_t(p)] / K) << "position " << p;
   }
   for (int64_t e = 0; e < E; ++e) EXPECT_EQ(counts[size_t(e)], want_counts[size_t(e)]) << "expert " << e;
+  // the counts alone
+  Buf<int64_t> counts2{size_t(E)};
+  ASSERT_EQ(mc::expert_counts(ids.data(), S, E, scratch.data(), counts2.data(), nullptr), 0);
+  for (int64_t e = 0; e < E; ++e) EXPECT_EQ(counts2[size_t(e)], want_counts[size_t(e)]) << "expert " << e;
 }
 
 TEST(CudaKernelsEmulated, SlotSortIsAStableSortByExpert) {

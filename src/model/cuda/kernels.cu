@@ -779,12 +779,20 @@ int64_t slot_sort_chunks(int64_t S) { return std::max<int64_t>(1, (S + kSortChun
 int slot_sort(const int64_t* ids, int64_t S, int64_t E, int64_t K, int* scratch, int64_t* order, int64_t* inverse,
               int64_t* token, int64_t* counts, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  if (E < 1 || E > kSlotSortMaxE || K < 1 || S < 0 || S >= (int64_t(1) << 31)) return int(cudaErrorInvalidValue);
+  if (K < 1) return int(cudaErrorInvalidValue);
+  if (const int rc = expert_counts(ids, S, E, scratch, counts, stream); rc != 0) return rc;
+  launch(slot_sort_kernel<true>, unsigned(slot_sort_chunks(S)), kSortThreads, st, ids, S, int(E), K, scratch, order,
+         inverse, token);
+  return int(cudaGetLastError());
+}
+
+int expert_counts(const int64_t* ids, int64_t S, int64_t E, int* scratch, int64_t* counts, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (E < 1 || E > kSlotSortMaxE || S < 0 || S >= (int64_t(1) << 31)) return int(cudaErrorInvalidValue);
   const int64_t chunks = slot_sort_chunks(S);
-  const auto grid = unsigned(chunks);
-  launch(slot_sort_kernel<false>, grid, kSortThreads, st, ids, S, int(E), K, scratch, order, inverse, token);
+  launch(slot_sort_kernel<false>, unsigned(chunks), kSortThreads, st, ids, S, int(E), int64_t(1), scratch, nullptr,
+         nullptr, nullptr);
   launch(slot_sort_scan_kernel, 1, unsigned(kSlotSortMaxE), st, scratch, chunks, int(E), counts);
-  launch(slot_sort_kernel<true>, grid, kSortThreads, st, ids, S, int(E), K, scratch, order, inverse, token);
   return int(cudaGetLastError());
 }
 

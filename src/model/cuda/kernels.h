@@ -113,5 +113,8 @@ constexpr int64_t kSlotSortMaxE = 256;
 int64_t slot_sort_chunks(int64_t S);
 int slot_sort(const int64_t* ids, int64_t S, int64_t E, int64_t K, int* scratch, int64_t* order, int64_t* inverse,
               int64_t* token, int64_t* counts, void* stream);
+// The counts per expert alone (slot_sort's first two launches): counts [E]
+// int64; the same ids, limits and scratch.
+int expert_counts(const int64_t* ids, int64_t S, int64_t E, int* scratch, int64_t* counts, void* stream);
 
 }  // namespace moecpt::cuda
