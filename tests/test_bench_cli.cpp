@@ -4,6 +4,9 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -202,27 +205,19 @@ TEST(BenchCli, KernelSwitchesAreReportedAndCheckedByName) {
   EXPECT_NE(bad.output.find("MOECPT_MOE_COMBINE must be 'gather', 'index_add' or 'kernel', got 'atomic'"), std::string::npos)
       << bad.output;
   ::unsetenv("MOECPT_MOE_COMBINE");
-  ::setenv("MOECPT_RMSNORM_KERNEL", "1", 1);
-  EXPECT_EQ(parse()["rms_norm"], "aten");
-  ::setenv("MOECPT_RMSNORM_KERNEL", "on", 1);
-  bad = moecpt::testing::run_moecpt(cmd);
-  EXPECT_EQ(bad.exit_code, 1) << bad.output;
-  EXPECT_NE(bad.output.find("MOECPT_RMSNORM_KERNEL must be 0 or 1, got 'on'"), std::string::npos) << bad.output;
-  ::unsetenv("MOECPT_RMSNORM_KERNEL");
-  ::setenv("MOECPT_ADD_RMSNORM_KERNEL", "1", 1);
-  EXPECT_EQ(parse()["add_rms_norm"], "aten");  // CUDA only
-  ::setenv("MOECPT_ADD_RMSNORM_KERNEL", "fused", 1);
-  bad = moecpt::testing::run_moecpt(cmd);
-  EXPECT_EQ(bad.exit_code, 1) << bad.output;
-  EXPECT_NE(bad.output.find("MOECPT_ADD_RMSNORM_KERNEL must be 0 or 1, got 'fused'"), std::string::npos) << bad.output;
-  ::unsetenv("MOECPT_ADD_RMSNORM_KERNEL");
-  ::setenv("MOECPT_SLOT_SORT_KERNEL", "1", 1);
-  EXPECT_EQ(parse()["slot_sort"], "aten");  // CUDA only
-  ::setenv("MOECPT_SLOT_SORT_KERNEL", "2", 1);
-  bad = moecpt::testing::run_moecpt(cmd);
-  EXPECT_EQ(bad.exit_code, 1) << bad.output;
-  EXPECT_NE(bad.output.find("MOECPT_SLOT_SORT_KERNEL must be 0 or 1, got '2'"), std::string::npos) << bad.output;
-  ::unsetenv("MOECPT_SLOT_SORT_KERNEL");
+  // the 0/1 kernel switches: on, a CPU run keeps ATen's path; a bad value is refused by name
+  for (const auto& [var, key] : std::vector<std::pair<std::string, std::string>>{
+           {"MOECPT_RMSNORM_KERNEL", "rms_norm"},
+           {"MOECPT_ADD_RMSNORM_KERNEL", "add_rms_norm"},
+           {"MOECPT_SLOT_SORT_KERNEL", "slot_sort"}}) {
+    ::setenv(var.c_str(), "1", 1);
+    EXPECT_EQ(parse()[key], "aten") << var;
+    ::setenv(var.c_str(), "on", 1);
+    bad = moecpt::testing::run_moecpt(cmd);
+    EXPECT_EQ(bad.exit_code, 1) << bad.output;
+    EXPECT_NE(bad.output.find(var + " must be 0 or 1, got 'on'"), std::string::npos) << bad.output;
+    ::unsetenv(var.c_str());
+  }
   ::setenv("MOECPT_CUDA_KERNELS", "yes", 1);
   bad = moecpt::testing::run_moecpt(cmd);
   EXPECT_EQ(bad.exit_code, 1) << bad.output;

@@ -232,25 +232,31 @@ void syncthreads(int line) {
   yield_to_scheduler(f);
 }
 
-float shfl_xor(unsigned mask, float v, int lane_mask, int line) {
+namespace {
+
+// The current fiber waits at a warp op (release_shuffles completes it).
+Fiber& wait_at_warp_op(unsigned mask, bool match, int line) {
   Fiber& f = current_fiber();
   f.wait = Wait::kShuffle;
   f.mask = mask;
-  f.match = false;
+  f.match = match;
+  f.line = line;
+  return f;
+}
+
+}  // namespace
+
+float shfl_xor(unsigned mask, float v, int lane_mask, int line) {
+  Fiber& f = wait_at_warp_op(mask, false, line);
   f.lane_mask = lane_mask;
   f.in = v;
-  f.line = line;
   yield_to_scheduler(f);
   return f.out;
 }
 
 unsigned match_any(unsigned mask, unsigned v, int line) {
-  Fiber& f = current_fiber();
-  f.wait = Wait::kShuffle;
-  f.mask = mask;
-  f.match = true;
+  Fiber& f = wait_at_warp_op(mask, true, line);
   f.uin = v;
-  f.line = line;
   yield_to_scheduler(f);
   return f.uout;
 }
