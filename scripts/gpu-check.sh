@@ -232,6 +232,21 @@ for tag, xs in arms.items():
     bl = statistics.median(x["final_loss"] for x in arms[base])
     rel = "" if tag == base else f"  {ms - b:+7.1f} ms ({ms / b:.3f}x)  loss {loss - bl:+.4f}  vs {base}"
     print(f"    {tag:44s} {len(xs)} run(s) {ms:8.1f} ms  MFU {100 * mfu:5.1f}%  loss {loss:.4f}{rel}")
+# What the leave-one-out arms say about each switch as a default: slower by more
+# than 1 % without it, and "all" keeping the defaults' loss (within 0.01).
+med = lambda tag, key: statistics.median(x[key]["median"] if key == "step_ms" else x[key] for x in arms[tag])
+for model, base in bases.items():
+    if model + "-all" not in arms: continue
+    all_ms, all_loss = med(model + "-all", "step_ms"), med(model + "-all", "final_loss")
+    loss_ok = abs(all_loss - med(base, "final_loss")) < 0.01
+    print(f"  {model}: all switches {all_ms:.1f} ms vs {med(base, 'step_ms'):.1f} ms with the defaults; loss "
+          + ("agrees" if loss_ok else "DIFFERS: check the tests before making any switch a default"))
+    for tag in arms:
+        if not tag.startswith(model + "-all-but-"): continue
+        d = med(tag, "step_ms") - all_ms
+        verdict = ("a default candidate" if loss_ok else "faster, but the loss differs") if d > 0.01 * all_ms else \
+                  "slower: keep it off" if d < -0.01 * all_ms else "within 1 %: no evidence either way"
+        print(f"    {tag[len(model) + 9:]:28s} worth {d:+7.1f} ms in 'all': {verdict}")
 PY
 }
 

@@ -101,6 +101,12 @@ TEST(GpuCheck, DryRunOfTheAbPlanTurnsEverySwitchOnThenLeavesEachOut) {
 
   // the A/B table compares a leave-one-out arm with its model's "all" arm
   EXPECT_NE(log.find("vs granular-all\n"), std::string::npos) << log;
+  // and reads each switch's worth off them (the dry run's arms all "take" the same time)
+  EXPECT_NE(log.find("granular: all switches 100.0 ms vs 100.0 ms with the defaults; loss agrees"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("slot-sort-kernel             worth    +0.0 ms in 'all': within 1 %: no evidence either way"),
+            std::string::npos)
+      << log;
   EXPECT_NE(log.find("granular-all-graph"), std::string::npos);
 }
 
