@@ -123,6 +123,8 @@ TEST(RmsNorm, CpuRunsAtenAndTheKernelPathRefusesCpuTensors) {
   auto x = torch::randn({2, 5, 16}), w = torch::randn({16});
   EXPECT_FALSE(use_rms_norm_kernel(x, w));
   EXPECT_TRUE(torch::equal(rms_norm(x, w, 1e-5), compat::rms_norm(x, w, 1e-5)));
+  // a bf16 output is the kernel path's: ATen's ignores the request
+  EXPECT_TRUE(torch::equal(rms_norm(x, w, 1e-5, torch::kBFloat16), compat::rms_norm(x, w, 1e-5)));
   Norm norm("rmsnorm", 16, 1e-5);
   EXPECT_TRUE(torch::equal(norm(x), compat::rms_norm(x, norm->weight_D, 1e-5)));
   expect_error_containing([&] { rms_norm_kernel(x, w, 1e-5); },
@@ -254,6 +256,37 @@ TEST(CudaKernels, SlotSortMatchesAStableSortOnAGpu) {
       EXPECT_TRUE(torch::equal(r.token_S, order.div(K, "floor"))) << what;
       EXPECT_TRUE(torch::equal(r.counts_E, ids.bincount({}, E))) << what;
       EXPECT_TRUE(torch::equal(cuda_expert_counts(ids, E), r.counts_E)) << what;
+    }
+  }
+}
+
+// A norm feeding a bf16 matmul writes bf16 directly: the same bits as the fp32
+// output cast, and through a bf16 gradient the same gradients as the fp32 path
+// fed that gradient in fp32 (plain and with the residual add).
+TEST(CudaKernels, RmsNormWritesBf16ForAMatmulAsACastWouldOnAGpu) {
+  if (!gpu_kernels()) GTEST_SKIP() << "needs a CUDA device and a build with MOECPT_CUDA_KERNELS";
+  torch::manual_seed(9);
+  auto opts = torch::TensorOptions().device(torch::kCUDA);
+  for (bool add : {false, true}) {
+    const std::string what = add ? "with the add" : "plain";
+    auto x0 = (torch::randn({2, 37, 1024 + 8}, opts) * 2).narrow(2, 0, 1024);
+    auto a0 = torch::randn({2, 37, 1024}, opts.dtype(torch::kBFloat16));
+    auto w0 = 1 + 0.3 * torch::randn({1024}, opts);
+    auto dy = torch::randn({2, 37, 1024}, opts.dtype(torch::kBFloat16));
+    auto run = [&](NormOutDtype y_dtype) {
+      auto x = x0.detach().requires_grad_(true), a = a0.detach().requires_grad_(true);
+      auto w = w0.detach().requires_grad_(true);
+      auto y = add ? add_rms_norm_kernel(x, a, w, 1e-5, y_dtype).second : rms_norm_kernel(x, w, 1e-5, y_dtype);
+      y.backward(y_dtype ? dy : dy.to(torch::kFloat32));
+      return std::vector<torch::Tensor>{y.detach(), x.grad(), w.grad(), add ? a.grad() : torch::Tensor()};
+    };
+    const auto b = run(torch::kBFloat16), f = run(std::nullopt);
+    EXPECT_EQ(b[0].scalar_type(), torch::kBFloat16) << what;
+    EXPECT_TRUE(torch::equal(b[0], f[0].to(torch::kBFloat16))) << what;
+    EXPECT_TRUE(torch::equal(b[1], f[1])) << what << " dx";
+    EXPECT_TRUE(torch::equal(b[2], f[2])) << what << " dw";
+    if (add) {
+      EXPECT_TRUE(torch::equal(b[3], f[3])) << what << " da";
     }
   }
 }

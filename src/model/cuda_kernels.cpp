@@ -239,17 +239,28 @@ void check_rms_norm_args(const torch::Tensor& x_ND, const torch::Tensor& w_D, co
     throw Error(std::string(what) + ": rstd must be contiguous fp32 [" + std::to_string(N) + "] on x's device");
 }
 
+// t on x's device, in x's dtype or bf16 with an fp32 x (a norm's output or its
+// gradient for a bf16 matmul).
+void check_norm_io(const torch::Tensor& x, const torch::Tensor& t, const char* what) {
+  if (!t.is_cuda() || t.device() != x.device() ||
+      !(t.scalar_type() == x.scalar_type() ||
+        (t.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kFloat32)))
+    throw Error(std::string(what) + ": must be on x's device in x's dtype, or bf16 with an fp32 x");
+}
+
 }  // namespace
 
 void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
                            const torch::Tensor& rstd_N) {
   check_rms_norm_args(x_ND, w_D, rstd_N, "cuda_rms_norm_forward");
-  check_same(x_ND, y_ND, "cuda_rms_norm_forward");
+  check_norm_io(x_ND, y_ND, "cuda_rms_norm_forward (y)");
   check_rows(y_ND, x_ND.size(0), x_ND.size(1), "cuda_rms_norm_forward (y)");
 #ifdef MOECPT_CUDA_KERNELS
-  check_launch(cuda::rms_norm_forward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
-                                      x_ND.size(0), x_ND.size(1), float(eps), y_ND.data_ptr(), y_ND.stride(0),
-                                      rstd_N.data_ptr<float>(), current_stream(x_ND)),
+  const auto dt = dtype_of(x_ND);
+  check_launch(cuda::add_rms_norm_forward(dt, x_ND.data_ptr(), x_ND.stride(0), dt, nullptr, 0, w_D.data_ptr<float>(),
+                                          x_ND.size(0), x_ND.size(1), float(eps), nullptr, 0, dtype_of(y_ND),
+                                          y_ND.data_ptr(), y_ND.stride(0), rstd_N.data_ptr<float>(),
+                                          current_stream(x_ND)),
                "rms_norm_forward");
 #else
   (void)eps;
@@ -261,7 +272,7 @@ torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Ten
                                      const torch::Tensor& dy_ND, const torch::Tensor& dx_ND,
                                      const torch::Tensor& dres_ND) {
   check_rms_norm_args(x_ND, w_D, rstd_N, "cuda_rms_norm_backward");
-  check_same(x_ND, dy_ND, "cuda_rms_norm_backward");
+  check_norm_io(x_ND, dy_ND, "cuda_rms_norm_backward (dy)");
   check_same(x_ND, dx_ND, "cuda_rms_norm_backward");
   const int64_t N = x_ND.size(0), D = x_ND.size(1);
   check_rows(dy_ND, N, D, "cuda_rms_norm_backward (dy)");
@@ -274,7 +285,7 @@ torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Ten
 #ifdef MOECPT_CUDA_KERNELS
   auto partial = torch::empty({cuda::rms_norm_backward_partials(N), D}, w_D.options());
   check_launch(cuda::add_rms_norm_backward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
-                                           rstd_N.data_ptr<float>(), dy_ND.data_ptr(), dy_ND.stride(0),
+                                           rstd_N.data_ptr<float>(), dtype_of(dy_ND), dy_ND.data_ptr(), dy_ND.stride(0),
                                            add ? dres_ND.data_ptr() : nullptr, add ? dres_ND.stride(0) : 0, N, D,
                                            dx_ND.data_ptr(), dx_ND.stride(0), partial.data_ptr<float>(),
                                            current_stream(x_ND)),
@@ -298,13 +309,14 @@ void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a
   if (!a_ok) throw Error(std::string(what) + ": a must be on x's device in x's dtype, or bf16 with fp32 x");
   check_rows(a_ND, N, D, "cuda_add_rms_norm_forward (a)");
   check_same(x_ND, h_ND, what);
-  check_same(x_ND, y_ND, what);
+  check_norm_io(x_ND, y_ND, "cuda_add_rms_norm_forward (y)");
   check_rows(h_ND, N, D, "cuda_add_rms_norm_forward (h)");
   check_rows(y_ND, N, D, "cuda_add_rms_norm_forward (y)");
 #ifdef MOECPT_CUDA_KERNELS
   check_launch(cuda::add_rms_norm_forward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), dtype_of(a_ND),
                                           a_ND.data_ptr(), a_ND.stride(0), w_D.data_ptr<float>(), N, D, float(eps),
-                                          h_ND.data_ptr(), h_ND.stride(0), y_ND.data_ptr(), y_ND.stride(0),
+                                          h_ND.data_ptr(), h_ND.stride(0), dtype_of(y_ND), y_ND.data_ptr(),
+                                          y_ND.stride(0),
                                           rstd_N.data_ptr<float>(), current_stream(x_ND)),
                "add_rms_norm_forward");
 #else

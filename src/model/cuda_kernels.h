@@ -48,7 +48,8 @@ void cuda_combine_backward(const torch::Tensor& g_TD, const torch::Tensor& y_SD,
 
 // RMSNorm of rows (model/rms_norm.h): x_ND fp32/bf16 CUDA [rows, D] with
 // contiguous rows, w fp32 [D] (D ≤ cuda_rms_norm_max_width()); writes y_ND
-// (x's dtype and shape) and rstd_N fp32 [rows] (1 / sqrt(mean x² + eps)).
+// (x's shape; x's dtype, or bf16 with an fp32 x) and rstd_N fp32 [rows]
+// (1 / sqrt(mean x² + eps)). The backward's dy is in y's dtype.
 int64_t cuda_rms_norm_max_width();
 void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
                            const torch::Tensor& rstd_N);

@@ -9,11 +9,19 @@
 // The kernel multiplies by the fp32 weight also for a bf16 stream (ATen's path
 // rounds the weight to bf16 first).
 #pragma once
+#include <optional>
+
 #include "core/pch.h"
 
 namespace moecpt::model {
 
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps);
+// y_dtype: the dtype the kernel path writes y in (nullopt: x's). bf16 with an
+// fp32 x for a norm whose one reader is a bf16 matmul (the attention's under
+// autocast): the same bits as writing fp32 and casting, without the cast pass
+// either way (its gradient comes back bf16 and the backward reads it as is).
+// ATen's path ignores it, as does the kernel path for other dtype pairs.
+using NormOutDtype = std::optional<torch::ScalarType>;
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps, NormOutDtype y_dtype = {});
 
 // MOECPT_RMSNORM_KERNEL: 0 (default) or 1, read once; any other value is an error naming it.
 bool rms_norm_kernel_requested();
@@ -22,7 +30,7 @@ bool rms_norm_kernel_requested();
 bool use_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& w);
 // The kernel path itself, whatever the switch says (the GPU tests compare it
 // with ATen's); a clear error where it cannot run.
-torch::Tensor rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& w, double eps);
+torch::Tensor rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& w, double eps, NormOutDtype y_dtype = {});
 
 // A pre-norm block's residual add and the next norm, `h = x + a; y = norm(h)`,
 // returned as {h, y}. ATen's add and rms_norm above, or, on CUDA with
@@ -34,12 +42,13 @@ torch::Tensor rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& w, do
 // a: x's shape, in x's dtype or bf16 with an fp32 x (a sublayer's output
 // under autocast); other pairs take the ATen path.
 std::pair<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& x, const torch::Tensor& a,
-                                                     const torch::Tensor& w, double eps);
+                                                     const torch::Tensor& w, double eps, NormOutDtype y_dtype = {});
 // MOECPT_ADD_RMSNORM_KERNEL: 0 (default) or 1, read once; else an error naming it.
 bool add_rms_norm_kernel_requested();
 bool use_add_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& a, const torch::Tensor& w);
 // The kernel path whatever the switch says; a clear error where it cannot run.
 std::pair<torch::Tensor, torch::Tensor> add_rms_norm_kernel(const torch::Tensor& x, const torch::Tensor& a,
-                                                            const torch::Tensor& w, double eps);
+                                                            const torch::Tensor& w, double eps,
+                                                            NormOutDtype y_dtype = {});
 
 }  // namespace moecpt::model

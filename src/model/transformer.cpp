@@ -10,6 +10,7 @@ namespace moecpt::model {
 
 BlockImpl::BlockImpl(const ModelConfig& mc, const RouterConfig& rc, bool is_moe, double out_std) {
   attn_norm = register_module("attn_norm", Norm(mc.norm, mc.d_model, mc.norm_eps));
+  attn_norm->feeds_a_matmul = true;  // the q/k/v projection only
   attn = register_module("attn", Attention(mc.d_model, mc.n_heads, mc.init_std, out_std));
   ffn_norm = register_module("ffn_norm", Norm(mc.norm, mc.d_model, mc.norm_eps));
   if (is_moe) {

@@ -537,11 +537,13 @@ TEST(CudaKernelsEmulated, MoESlotGathersMatchAnFp64Reference) {
 
 // add: the fused residual add in front (add_rms_norm_forward/backward): the
 // rows normalised are h = x + a (A: a's type), which must equal ATen's add
-// bit for bit, and dres joins dx.
-template <typename T, typename A = T>
+// bit for bit, and dres joins dx. Y: the type of y and of its gradient dy
+// (bf16 for a bf16 matmul's input).
+template <typename T, typename A = T, typename Y = T>
 void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
   SCOPED_TRACE(std::string(name_of<T>()) + " rows " + std::to_string(rows) + " D " + std::to_string(D) + " pad " +
-               std::to_string(pad) + (add ? std::string(" + a ") + name_of<A>() : std::string()));
+               std::to_string(pad) + (add ? std::string(" + a ") + name_of<A>() : std::string()) + " y " +
+               name_of<Y>());
   std::mt19937 rng(uint32_t(rows * 31 + D + (add ? 7 : 0)));
   const int64_t ld = D + pad, partials = mc::rms_norm_backward_partials(rows);
   // a, h and dres with a row stride of their own (a wider padding; one more
@@ -550,7 +552,8 @@ void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
   const int64_t ld2 = pad > 0 ? D + 2 * pad : D + 1, pad2 = ld2 - D;
   const size_t n_add = add ? size_t(rows * ld2) : 1;
   const float eps = 1e-5f;
-  Buf<T> x{size_t(rows * ld)}, y{size_t(rows * ld)}, dy{size_t(rows * ld)}, dx{size_t(rows * ld)};
+  Buf<T> x{size_t(rows * ld)}, dx{size_t(rows * ld)};
+  Buf<Y> y{size_t(rows * ld)}, dy{size_t(rows * ld)};
   Buf<T> h{n_add}, dres{n_add};
   Buf<A> a{n_add};
   Buf<float> w{size_t(D)}, rstd{size_t(std::max<int64_t>(rows, 1))}, dw_partial{size_t(partials * D)};
@@ -561,7 +564,7 @@ void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
   for (int64_t j = 0; j < D; ++j) w[j] = around_one(rng);
   if (add) {
     ASSERT_EQ(mc::add_rms_norm_forward(dtype_of<T>(), x.data(), ld, dtype_of<A>(), a.data(), ld2, w.data(), rows, D,
-                                       eps, h.data(), ld2, y.data(), ld, rstd.data(), nullptr),
+                                       eps, h.data(), ld2, dtype_of<Y>(), y.data(), ld, rstd.data(), nullptr),
               0);
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t j = 0; j < D; ++j) {
@@ -571,8 +574,8 @@ void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
       EXPECT_TRUE(is_nan_bits(&h[r * ld2 + D], size_t(pad2) * sizeof(T))) << "row " << r;
     }
   } else {
-    ASSERT_EQ(mc::rms_norm_forward(dtype_of<T>(), x.data(), ld, w.data(), rows, D, eps, y.data(), ld, rstd.data(),
-                                   nullptr),
+    ASSERT_EQ(mc::add_rms_norm_forward(dtype_of<T>(), x.data(), ld, dtype_of<T>(), nullptr, 0, w.data(), rows, D, eps,
+                                       nullptr, 0, dtype_of<Y>(), y.data(), ld, rstd.data(), nullptr),
               0);
   }
   auto& n = add ? h : x;  // the rows normalised, row stride ldn
@@ -580,7 +583,7 @@ void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
   std::vector<std::vector<T>> dxs;
   std::vector<std::vector<float>> dws;
   in_both_orders([&](cuda_emu::Order) {
-    ASSERT_EQ(mc::add_rms_norm_backward(dtype_of<T>(), n.data(), ldn, w.data(), rstd.data(), dy.data(), ld,
+    ASSERT_EQ(mc::add_rms_norm_backward(dtype_of<T>(), n.data(), ldn, w.data(), rstd.data(), dtype_of<Y>(), dy.data(), ld,
                                         add ? dres.data() : nullptr, ld2, rows, D, dx.data(), ld, dw_partial.data(),
                                         nullptr),
               0);
@@ -589,7 +592,12 @@ void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
   });
   ASSERT_EQ(0, std::memcmp(dxs[0].data(), dxs[1].data(), dxs[0].size() * sizeof(T)));
   ASSERT_EQ(0, std::memcmp(dws[0].data(), dws[1].data(), dws[0].size() * sizeof(float)));
-  if (!add) {  // the plain entry point is the same kernel without dres
+  if (!add && std::is_same_v<T, Y>) {  // the plain entry points are the same kernels without a and dres
+    std::vector<Y> y1(y.data(), y.data() + y.size());
+    ASSERT_EQ(mc::rms_norm_forward(dtype_of<T>(), x.data(), ld, w.data(), rows, D, eps, y.data(), ld, rstd.data(),
+                                   nullptr),
+              0);
+    ASSERT_EQ(0, std::memcmp(y1.data(), y.data(), y1.size() * sizeof(Y)));
     ASSERT_EQ(mc::rms_norm_backward(dtype_of<T>(), x.data(), ld, w.data(), rstd.data(), dy.data(), ld, rows, D,
                                     dx.data(), ld, dw_partial.data(), nullptr),
               0);
@@ -618,7 +626,7 @@ void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
       sdx.push_back(std::fabs(rs * wj * gj) + c * dot_mag * std::fabs(xj) + std::fabs(rj));
     }
     if (pad > 0) {
-      EXPECT_TRUE(is_nan_bits(&y[r * ld + D], size_t(pad) * sizeof(T))) << "row " << r;
+      EXPECT_TRUE(is_nan_bits(&y[r * ld + D], size_t(pad) * sizeof(Y))) << "row " << r;
       EXPECT_TRUE(is_nan_bits(&dx[r * ld + D], size_t(pad) * sizeof(T))) << "row " << r;
     }
   }
@@ -628,7 +636,7 @@ void check_rms_norm(int64_t rows, int64_t D, int64_t pad, bool add = false) {
     gdw.push_back(sum), rdw.push_back(dw_ref[size_t(j)]), sdw.push_back(dw_mag[size_t(j)]);
   }
   EXPECT_TRUE(all_close(grs, rrs, srs, 1e-6, 0, "rstd"));
-  EXPECT_TRUE(all_close(gy, ry, sy, rel_tol<T>(), 1e-30, "y"));
+  EXPECT_TRUE(all_close(gy, ry, sy, rel_tol<Y>(), 1e-30, "y"));
   EXPECT_TRUE(all_close(gdx, rdx, sdx, rel_tol<T>() + 1e-6, 1e-30, "dx"));
   EXPECT_TRUE(all_close(gdw, rdw, sdw, 1e-5, 1e-30, "dw (fp32 sums)"));
 }
@@ -650,10 +658,22 @@ TEST(CudaKernelsEmulated, ResidualAddWithRmsNormMatchesAnFp64Reference) {
   check_rms_norm<bf16, bf16>(20, 1500, 0, true);   // scalar, the 2048-wide variant
   check_rms_norm<float, float>(100, 64, 0, true);  // several rows per warp
   check_rms_norm<float, bf16>(9, 2048, 0, true);   // the widest
+  // y (and its gradient) in bf16 from an fp32 stream, with and without the add
+  check_rms_norm<float, bf16, bf16>(37, 128, 4, true);
+  check_rms_norm<float, float, bf16>(37, 130, 0, true);
+  check_rms_norm<float, float, bf16>(37, 128, 4);
+  check_rms_norm<float, float, bf16>(9, 2048, 0);
   // fp32 a with a bf16 stream is refused (ATen's add would give fp32 h)
   Buf<float> f{8};
   EXPECT_EQ(mc::add_rms_norm_forward(mc::DType::kBFloat16, f.data(), 8, mc::DType::kFloat32, f.data(), 8, f.data(), 1,
-                                     8, 1e-5f, f.data(), 8, f.data(), 8, f.data(), nullptr),
+                                     8, 1e-5f, f.data(), 8, mc::DType::kBFloat16, f.data(), 8, f.data(), nullptr),
+            int(cudaErrorInvalidValue));
+  // and so are fp32 y and dy with a bf16 stream
+  EXPECT_EQ(mc::add_rms_norm_forward(mc::DType::kBFloat16, f.data(), 8, mc::DType::kBFloat16, nullptr, 0, f.data(), 1,
+                                     8, 1e-5f, nullptr, 0, mc::DType::kFloat32, f.data(), 8, f.data(), nullptr),
+            int(cudaErrorInvalidValue));
+  EXPECT_EQ(mc::add_rms_norm_backward(mc::DType::kBFloat16, f.data(), 8, f.data(), f.data(), mc::DType::kFloat32,
+                                      f.data(), 8, nullptr, 0, 1, 8, f.data(), 8, f.data(), nullptr),
             int(cudaErrorInvalidValue));
 }
 

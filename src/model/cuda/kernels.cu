@@ -362,11 +362,12 @@ __global__ void __launch_bounds__(kSinkhornThreads<EMAX>)
 // the squares, a shuffle reduction gives every lane r, and a second read of
 // the row (from L1) writes y. With ADD the row is first h = x + a (a of type A,
 // the sum rounded to T as ATen's add rounds it), written to h, and h is the row
-// normalised (the second read is of h, which the same lane wrote).
-template <typename T, typename A, int V, bool ADD>
+// normalised (the second read is of h, which the same lane wrote). y is
+// written as Y (x's type, or bf16 for a bf16 matmul that reads it).
+template <typename T, typename A, typename Y, int V, bool ADD>
 __global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, const A* __restrict__ a, int64_t ld_a,
                                         const float* __restrict__ w, int64_t rows, int64_t D, float eps,
-                                        T* __restrict__ h, int64_t ld_h, T* __restrict__ y, int64_t ld_y,
+                                        T* __restrict__ h, int64_t ld_h, Y* __restrict__ y, int64_t ld_y,
                                         float* __restrict__ rstd) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
@@ -392,13 +393,13 @@ __global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, c
     const float rs = 1.f / sqrtf(ss / float(D) + eps);
     if (lane == 0) rstd[r] = rs;
     const T* src = ADD ? h + r * ld_h : xr;
-    T* yr = y + r * ld_y;
+    Y* yr = y + r * ld_y;
     for (int64_t j = int64_t(lane) * V; j < D; j += 32 * V) {
       const auto v = load<T, V>(src + j);
-      Pack<T, V> o;
+      Pack<Y, V> o;
 #pragma unroll
-      for (int k = 0; k < V; ++k) o.v[k] = from_f<T>(to_f(v.v[k]) * rs * w[j + k]);
-      store<T, V>(yr + j, o);
+      for (int k = 0; k < V; ++k) o.v[k] = from_f<Y>(to_f(v.v[k]) * rs * w[j + k]);
+      store<Y, V>(yr + j, o);
     }
   }
 }
@@ -409,10 +410,11 @@ __global__ void rms_norm_forward_kernel(const T* __restrict__ x, int64_t ld_x, c
 // (column j = (i·32 + lane)·V + k, D ≤ MAXD) and are written once, as the
 // warp's row of dw_partial. With ADD, dres (the gradient reaching the input
 // by another path: the residual stream's) is added to dx before its rounding.
-template <typename T, int V, int MAXD, bool ADD>
+// dy is G: x's type, or bf16 (the gradient of a bf16 y).
+template <typename T, typename G, int V, int MAXD, bool ADD>
 __global__ void __launch_bounds__(256)
     rms_norm_backward_kernel(const T* __restrict__ x, int64_t ld_x, const float* __restrict__ w,
-                             const float* __restrict__ rstd, const T* __restrict__ dy, int64_t ld_dy,
+                             const float* __restrict__ rstd, const G* __restrict__ dy, int64_t ld_dy,
                              const T* __restrict__ dres, int64_t ld_dres, int64_t rows, int64_t D, int64_t per,
                              int64_t n_partial, T* __restrict__ dx, int64_t ld_dx, float* __restrict__ dw_partial) {
   constexpr int kVecs = MAXD / (32 * V);
@@ -428,14 +430,15 @@ __global__ void __launch_bounds__(256)
   const int64_t r_end = (warp + 1) * per < rows ? (warp + 1) * per : rows;
   for (int64_t r = warp * per; r < r_end; ++r) {
     const T* xr = x + r * ld_x;
-    const T* gr = dy + r * ld_dy;
+    const G* gr = dy + r * ld_dy;
     const float rs = rstd[r];
     float dot = 0.f;
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const int64_t j = (int64_t(i) * 32 + lane) * V;
       if (j < D) {
-        const auto xv = load<T, V>(xr + j), gv = load<T, V>(gr + j);
+        const auto xv = load<T, V>(xr + j);
+        const auto gv = load<G, V>(gr + j);
 #pragma unroll
         for (int k = 0; k < V; ++k) dot += to_f(gv.v[k]) * w[j + k] * to_f(xv.v[k]);
       }
@@ -448,7 +451,8 @@ __global__ void __launch_bounds__(256)
     for (int i = 0; i < kVecs; ++i) {
       const int64_t j = (int64_t(i) * 32 + lane) * V;
       if (j < D) {
-        const auto xv = load<T, V>(xr + j), gv = load<T, V>(gr + j);
+        const auto xv = load<T, V>(xr + j);
+        const auto gv = load<G, V>(gr + j);
         Pack<T, V> o, rv;
         if constexpr (ADD) rv = load<T, V>(dres + r * ld_dres + j);
 #pragma unroll
@@ -672,7 +676,7 @@ int combine_backward_t(const void* g, int64_t ld_g, const void* y, int64_t ld_y,
 }
 
 // a == nullptr: plain RMSNorm of x (A unused); else of h = x + a, h written.
-template <typename T, typename A>
+template <typename T, typename A, typename Y>
 int rms_norm_forward_t(const void* x, int64_t ld_x, const void* a, int64_t ld_a, const float* w, int64_t rows,
                        int64_t D, float eps, void* h, int64_t ld_h, void* y, int64_t ld_y, float* rstd,
                        cudaStream_t st) {
@@ -684,32 +688,33 @@ int rms_norm_forward_t(const void* x, int64_t ld_x, const void* a, int64_t ld_a,
   const auto blocks = blocks_for_warps(rows);
   const auto* xp = static_cast<const T*>(x);
   const auto* ap = static_cast<const A*>(a);
-  auto *hp = static_cast<T*>(h), *yp = static_cast<T*>(y);
+  auto* hp = static_cast<T*>(h);
+  auto* yp = static_cast<Y*>(y);
   const auto go = [&](auto kernel) {
     launch(kernel, blocks, kThreads, st, xp, ld_x, ap, ld_a, w, rows, D, eps, hp, ld_h, yp, ld_y, rstd);
   };
-  if (add) vec ? go(rms_norm_forward_kernel<T, A, V, true>) : go(rms_norm_forward_kernel<T, A, 1, true>);
-  else vec ? go(rms_norm_forward_kernel<T, A, V, false>) : go(rms_norm_forward_kernel<T, A, 1, false>);
+  if (add) vec ? go(rms_norm_forward_kernel<T, A, Y, V, true>) : go(rms_norm_forward_kernel<T, A, Y, 1, true>);
+  else vec ? go(rms_norm_forward_kernel<T, A, Y, V, false>) : go(rms_norm_forward_kernel<T, A, Y, 1, false>);
   return int(cudaGetLastError());
 }
 
-template <typename T, int V, bool ADD>
-int rms_norm_backward_v(const T* x, int64_t ld_x, const float* w, const float* rstd, const T* dy, int64_t ld_dy,
+template <typename T, typename G, int V, bool ADD>
+int rms_norm_backward_v(const T* x, int64_t ld_x, const float* w, const float* rstd, const G* dy, int64_t ld_dy,
                         const T* dres, int64_t ld_dres, int64_t rows, int64_t D, T* dx, int64_t ld_dx,
                         float* dw_partial, cudaStream_t st) {
   const int64_t partials = rms_norm_backward_partials(rows), per = (rows + partials - 1) / partials;
   const auto blocks = blocks_for_warps(partials);  // partials ≤ 2048: one warp each, none left out
   if (D <= 1024)
-    launch(rms_norm_backward_kernel<T, V, 1024, ADD>, blocks, kThreads, st,
+    launch(rms_norm_backward_kernel<T, G, V, 1024, ADD>, blocks, kThreads, st,
            x, ld_x, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, per, partials, dx, ld_dx, dw_partial);
   else
-    launch(rms_norm_backward_kernel<T, V, 2048, ADD>, blocks, kThreads, st,
+    launch(rms_norm_backward_kernel<T, G, V, 2048, ADD>, blocks, kThreads, st,
            x, ld_x, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, per, partials, dx, ld_dx, dw_partial);
   return int(cudaGetLastError());
 }
 
 // dres == nullptr: plain backward; else dres added to dx.
-template <typename T>
+template <typename T, typename G>
 int rms_norm_backward_t(const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
                         int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D, void* dx,
                         int64_t ld_dx, float* dw_partial, cudaStream_t st) {
@@ -719,10 +724,11 @@ int rms_norm_backward_t(const void* x, int64_t ld_x, const float* w, const float
   const bool add = dres != nullptr;
   const bool vec = add ? vectorizable<V>({D, ld_x, ld_dy, ld_dres, ld_dx}, {x, dy, dres, dx})
                        : vectorizable<V>({D, ld_x, ld_dy, ld_dx}, {x, dy, dx});
-  const auto *xp = static_cast<const T*>(x), *gp = static_cast<const T*>(dy), *rp = static_cast<const T*>(dres);
+  const auto *xp = static_cast<const T*>(x), *rp = static_cast<const T*>(dres);
+  const auto* gp = static_cast<const G*>(dy);
   auto* dp = static_cast<T*>(dx);
   const auto go = [&](auto v, auto with_add) {
-    return rms_norm_backward_v<T, decltype(v)::value, decltype(with_add)::value>(
+    return rms_norm_backward_v<T, G, decltype(v)::value, decltype(with_add)::value>(
         xp, ld_x, w, rstd, gp, ld_dy, rp, ld_dres, rows, D, dp, ld_dx, dw_partial, st);
   };
   using Vec = std::integral_constant<int, V>;
@@ -737,41 +743,51 @@ int64_t rms_norm_backward_partials(int64_t rows) { return std::clamp<int64_t>((r
 
 int rms_norm_forward(DType dt, const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps,
                      void* y, int64_t ld_y, float* rstd, void* stream) {
-  auto st = static_cast<cudaStream_t>(stream);
-  return dt == DType::kBFloat16
-             ? rms_norm_forward_t<__nv_bfloat16, __nv_bfloat16>(x, ld_x, nullptr, 0, w, rows, D, eps, nullptr, 0, y,
-                                                                ld_y, rstd, st)
-             : rms_norm_forward_t<float, float>(x, ld_x, nullptr, 0, w, rows, D, eps, nullptr, 0, y, ld_y, rstd, st);
+  return add_rms_norm_forward(dt, x, ld_x, dt, nullptr, 0, w, rows, D, eps, nullptr, 0, dt, y, ld_y, rstd, stream);
 }
 
 int add_rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, const void* a, int64_t ld_a,
-                         const float* w, int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, void* y,
-                         int64_t ld_y, float* rstd, void* stream) {
+                         const float* w, int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, DType dt_y,
+                         void* y, int64_t ld_y, float* rstd, void* stream) {
+  using bf16 = __nv_bfloat16;
   auto st = static_cast<cudaStream_t>(stream);
-  if (a == nullptr || h == nullptr) return int(cudaErrorInvalidValue);
-  if (dt == DType::kBFloat16)
-    return dt_a == DType::kBFloat16 ? rms_norm_forward_t<__nv_bfloat16, __nv_bfloat16>(
-                                          x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st)
-                                    : int(cudaErrorInvalidValue);  // fp32 + bf16 is fp32: not a bf16 stream
-  return dt_a == DType::kBFloat16
-             ? rms_norm_forward_t<float, __nv_bfloat16>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st)
-             : rms_norm_forward_t<float, float>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st);
+  if (a != nullptr && h == nullptr) return int(cudaErrorInvalidValue);
+  const bool a_bf16 = a != nullptr && dt_a == DType::kBFloat16, y_bf16 = dt_y == DType::kBFloat16;
+  if (dt == DType::kBFloat16) {  // a and y bf16 too: fp32 a would promote h to fp32, fp32 y is not wanted
+    if ((a != nullptr && !a_bf16) || !y_bf16) return int(cudaErrorInvalidValue);
+    return rms_norm_forward_t<bf16, bf16, bf16>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st);
+  }
+  if (a_bf16)
+    return y_bf16 ? rms_norm_forward_t<float, bf16, bf16>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st)
+                  : rms_norm_forward_t<float, bf16, float>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd,
+                                                           st);
+  return y_bf16 ? rms_norm_forward_t<float, float, bf16>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd, st)
+                : rms_norm_forward_t<float, float, float>(x, ld_x, a, ld_a, w, rows, D, eps, h, ld_h, y, ld_y, rstd,
+                                                          st);
 }
 
 int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
                       int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
                       void* stream) {
-  return add_rms_norm_backward(dt, x, ld_x, w, rstd, dy, ld_dy, nullptr, 0, rows, D, dx, ld_dx, dw_partial, stream);
+  return add_rms_norm_backward(dt, x, ld_x, w, rstd, dt, dy, ld_dy, nullptr, 0, rows, D, dx, ld_dx, dw_partial,
+                               stream);
 }
 
-int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w, const float* rstd, const void* dy,
-                          int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D, void* dx,
-                          int64_t ld_dx, float* dw_partial, void* stream) {
+int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w, const float* rstd, DType dt_dy,
+                          const void* dy, int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D,
+                          void* dx, int64_t ld_dx, float* dw_partial, void* stream) {
+  using bf16 = __nv_bfloat16;
   auto st = static_cast<cudaStream_t>(stream);
-  return dt == DType::kBFloat16 ? rms_norm_backward_t<__nv_bfloat16>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres,
-                                                                     rows, D, dx, ld_dx, dw_partial, st)
-                                : rms_norm_backward_t<float>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx,
-                                                             ld_dx, dw_partial, st);
+  if (dt == DType::kBFloat16) {
+    if (dt_dy != DType::kBFloat16) return int(cudaErrorInvalidValue);
+    return rms_norm_backward_t<bf16, bf16>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx, dw_partial,
+                                           st);
+  }
+  return dt_dy == DType::kBFloat16
+             ? rms_norm_backward_t<float, bf16>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx,
+                                                dw_partial, st)
+             : rms_norm_backward_t<float, float>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx,
+                                                 dw_partial, st);
 }
 
 int64_t slot_sort_chunks(int64_t S) { return std::max<int64_t>(1, (S + kSortChunk - 1) / kSortChunk); }

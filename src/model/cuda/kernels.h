@@ -89,15 +89,19 @@ int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, con
 // then the RMSNorm of h as rms_norm_forward (y, rstd). x and h are dt; a is dt,
 // or bf16 when dt is fp32 (an fp32 stream plus a bf16 sublayer output under
 // autocast); fp32 a with bf16 dt is refused (ATen's add would promote to fp32).
+// a == nullptr: no add (h unused), the RMSNorm of x. y is dt_y: dt, or bf16
+// with an fp32 dt (for a bf16 matmul that reads it: the same bits as writing
+// fp32 and casting; bf16 dt with fp32 y is refused).
 int add_rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, const void* a, int64_t ld_a,
-                         const float* w, int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, void* y,
-                         int64_t ld_y, float* rstd, void* stream);
-// Its backward: rms_norm_backward of h, plus dres (dt, row stride ld_dres: the
-// gradient reaching h through the residual stream) added to dx before its one
-// rounding. dx is then the gradient of both x and a. dres == nullptr: none.
-int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w, const float* rstd, const void* dy,
-                          int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D, void* dx,
-                          int64_t ld_dx, float* dw_partial, void* stream);
+                         const float* w, int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, DType dt_y,
+                         void* y, int64_t ld_y, float* rstd, void* stream);
+// Its backward: rms_norm_backward of h with dy of dtype dt_dy (dt, or bf16 with
+// an fp32 dt), plus dres (dt, row stride ld_dres: the gradient reaching h
+// through the residual stream) added to dx before its one rounding. dx is then
+// the gradient of both x and a. dres == nullptr: none.
+int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w, const float* rstd, DType dt_dy,
+                          const void* dy, int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D,
+                          void* dx, int64_t ld_dx, float* dw_partial, void* stream);
 
 // The MoE layer's slot order (model/moe_slots.h) as a stable counting sort.
 // Slots s < S carry expert ids ids[s] in [0, E) (int64; 1 ≤ E ≤ kSlotSortMaxE,
