@@ -239,16 +239,17 @@ void check_rms_norm_args(const torch::Tensor& x_ND, const torch::Tensor& w_D, co
     throw Error(std::string(what) + ": rstd must be contiguous fp32 [" + std::to_string(N) + "] on x's device");
 }
 
-// t on x's device, in x's dtype or bf16 with an fp32 x (a norm's output or its
-// gradient for a bf16 matmul).
+// t on x's device, in a dtype that pairs with x's (y, dy, a).
 void check_norm_io(const torch::Tensor& x, const torch::Tensor& t, const char* what) {
-  if (!t.is_cuda() || t.device() != x.device() ||
-      !(t.scalar_type() == x.scalar_type() ||
-        (t.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kFloat32)))
+  if (!t.is_cuda() || t.device() != x.device() || !rms_norm_dtype_pairs(t.scalar_type(), x.scalar_type()))
     throw Error(std::string(what) + ": must be on x's device in x's dtype, or bf16 with an fp32 x");
 }
 
 }  // namespace
+
+bool rms_norm_dtype_pairs(torch::ScalarType t, torch::ScalarType x) {
+  return t == x || (t == torch::kBFloat16 && x == torch::kFloat32);
+}
 
 void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
                            const torch::Tensor& rstd_N) {
@@ -257,7 +258,7 @@ void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, 
   check_rows(y_ND, x_ND.size(0), x_ND.size(1), "cuda_rms_norm_forward (y)");
 #ifdef MOECPT_CUDA_KERNELS
   const auto dt = dtype_of(x_ND);
-  check_launch(cuda::add_rms_norm_forward(dt, x_ND.data_ptr(), x_ND.stride(0), dt, nullptr, 0, w_D.data_ptr<float>(),
+  check_launch(cuda::rms_norm_forward(dt, x_ND.data_ptr(), x_ND.stride(0), dt, nullptr, 0, w_D.data_ptr<float>(),
                                           x_ND.size(0), x_ND.size(1), float(eps), nullptr, 0, dtype_of(y_ND),
                                           y_ND.data_ptr(), y_ND.stride(0), rstd_N.data_ptr<float>(),
                                           current_stream(x_ND)),
@@ -284,7 +285,7 @@ torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Ten
   }
 #ifdef MOECPT_CUDA_KERNELS
   auto partial = torch::empty({cuda::rms_norm_backward_partials(N), D}, w_D.options());
-  check_launch(cuda::add_rms_norm_backward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
+  check_launch(cuda::rms_norm_backward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), w_D.data_ptr<float>(),
                                            rstd_N.data_ptr<float>(), dtype_of(dy_ND), dy_ND.data_ptr(), dy_ND.stride(0),
                                            add ? dres_ND.data_ptr() : nullptr, add ? dres_ND.stride(0) : 0, N, D,
                                            dx_ND.data_ptr(), dx_ND.stride(0), partial.data_ptr<float>(),
@@ -303,17 +304,14 @@ void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a
   const char* what = "cuda_add_rms_norm_forward";
   check_rms_norm_args(x_ND, w_D, rstd_N, what);
   const int64_t N = x_ND.size(0), D = x_ND.size(1);
-  const bool a_ok = a_ND.is_cuda() && a_ND.device() == x_ND.device() &&
-                    (a_ND.scalar_type() == x_ND.scalar_type() ||
-                     (a_ND.scalar_type() == torch::kBFloat16 && x_ND.scalar_type() == torch::kFloat32));
-  if (!a_ok) throw Error(std::string(what) + ": a must be on x's device in x's dtype, or bf16 with fp32 x");
+  check_norm_io(x_ND, a_ND, "cuda_add_rms_norm_forward (a)");
   check_rows(a_ND, N, D, "cuda_add_rms_norm_forward (a)");
   check_same(x_ND, h_ND, what);
   check_norm_io(x_ND, y_ND, "cuda_add_rms_norm_forward (y)");
   check_rows(h_ND, N, D, "cuda_add_rms_norm_forward (h)");
   check_rows(y_ND, N, D, "cuda_add_rms_norm_forward (y)");
 #ifdef MOECPT_CUDA_KERNELS
-  check_launch(cuda::add_rms_norm_forward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), dtype_of(a_ND),
+  check_launch(cuda::rms_norm_forward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), dtype_of(a_ND),
                                           a_ND.data_ptr(), a_ND.stride(0), w_D.data_ptr<float>(), N, D, float(eps),
                                           h_ND.data_ptr(), h_ND.stride(0), dtype_of(y_ND), y_ND.data_ptr(),
                                           y_ND.stride(0),

@@ -18,14 +18,14 @@ torch::Tensor rows_of(const torch::Tensor& t, int64_t D) {
   return t_ND.stride(1) == 1 ? t_ND : t_ND.contiguous();
 }
 
-// y's dtype: the one asked for where the kernels take it (bf16 with an fp32 x), else x's.
+// y's dtype: the one asked for where the kernels take it (rms_norm_dtype_pairs), else x's.
 torch::ScalarType y_dtype_for(const torch::Tensor& x, NormOutDtype y_dtype) {
-  return y_dtype == torch::kBFloat16 && x.scalar_type() == torch::kFloat32 ? torch::kBFloat16 : x.scalar_type();
+  return y_dtype && rms_norm_dtype_pairs(*y_dtype, x.scalar_type()) ? *y_dtype : x.scalar_type();
 }
 
-// dy as the backward kernel reads it: y's dtype when that is bf16 (fp32 x), else x's.
+// dy as the backward kernel reads it: as it comes where its dtype pairs with x's, else in x's.
 torch::Tensor dy_rows(const torch::Tensor& gy, const torch::Tensor& x_ND) {
-  const bool as_is = gy.scalar_type() == torch::kBFloat16 && x_ND.scalar_type() == torch::kFloat32;
+  const bool as_is = rms_norm_dtype_pairs(gy.scalar_type(), x_ND.scalar_type());
   return rows_of(as_is ? gy : gy.to(x_ND.scalar_type()), x_ND.size(1));
 }
 
@@ -87,9 +87,7 @@ bool rms_norm_kernel_fits(const torch::Tensor& x, const torch::Tensor& w) {
 }
 
 bool add_operand_fits(const torch::Tensor& x, const torch::Tensor& a) {
-  return a.device() == x.device() && a.sizes() == x.sizes() &&
-         (a.scalar_type() == x.scalar_type() ||
-          (a.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kFloat32));
+  return a.device() == x.device() && a.sizes() == x.sizes() && rms_norm_dtype_pairs(a.scalar_type(), x.scalar_type());
 }
 
 }  // namespace

@@ -741,14 +741,9 @@ int rms_norm_backward_t(const void* x, int64_t ld_x, const float* w, const float
 
 int64_t rms_norm_backward_partials(int64_t rows) { return std::clamp<int64_t>((rows + 7) / 8, 1, 2048); }
 
-int rms_norm_forward(DType dt, const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps,
-                     void* y, int64_t ld_y, float* rstd, void* stream) {
-  return add_rms_norm_forward(dt, x, ld_x, dt, nullptr, 0, w, rows, D, eps, nullptr, 0, dt, y, ld_y, rstd, stream);
-}
-
-int add_rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, const void* a, int64_t ld_a,
-                         const float* w, int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, DType dt_y,
-                         void* y, int64_t ld_y, float* rstd, void* stream) {
+int rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, const void* a, int64_t ld_a, const float* w,
+                     int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, DType dt_y, void* y, int64_t ld_y,
+                     float* rstd, void* stream) {
   using bf16 = __nv_bfloat16;
   auto st = static_cast<cudaStream_t>(stream);
   if (a != nullptr && h == nullptr) return int(cudaErrorInvalidValue);
@@ -766,27 +761,20 @@ int add_rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, cons
                                                           st);
 }
 
-int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
-                      int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
-                      void* stream) {
-  return add_rms_norm_backward(dt, x, ld_x, w, rstd, dt, dy, ld_dy, nullptr, 0, rows, D, dx, ld_dx, dw_partial,
-                               stream);
-}
-
-int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w, const float* rstd, DType dt_dy,
-                          const void* dy, int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D,
-                          void* dx, int64_t ld_dx, float* dw_partial, void* stream) {
+int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, DType dt_dy,
+                      const void* dy, int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D,
+                      void* dx, int64_t ld_dx, float* dw_partial, void* stream) {
   using bf16 = __nv_bfloat16;
   auto st = static_cast<cudaStream_t>(stream);
   if (dt == DType::kBFloat16) {
     if (dt_dy != DType::kBFloat16) return int(cudaErrorInvalidValue);
-    return rms_norm_backward_t<bf16, bf16>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx, dw_partial,
+    return rms_norm_backward_t<bf16, bf16>(x, ld_x, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx, dw_partial,
                                            st);
   }
   return dt_dy == DType::kBFloat16
-             ? rms_norm_backward_t<float, bf16>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx,
+             ? rms_norm_backward_t<float, bf16>(x, ld_x, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx,
                                                 dw_partial, st)
-             : rms_norm_backward_t<float, float>(h, ld_h, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx,
+             : rms_norm_backward_t<float, float>(x, ld_x, w, rstd, dy, ld_dy, dres, ld_dres, rows, D, dx, ld_dx,
                                                  dw_partial, st);
 }
 

@@ -67,41 +67,34 @@ int sinkhorn(const float* Ct, int64_t T, int64_t E, float tol, int64_t max_iters
 
 // RMSNorm of rows of x [rows, D] (dtype dt, row stride ld_x) with the fp32
 // weight w [D]:  r = 1 / sqrt(mean_j x_j² + eps),  y_j = x_j · r · w_j  (fp32
-// maths, one rounding to dt); writes y (row stride ld_y) and r into rstd [rows].
-// One warp per row.
-int rms_norm_forward(DType dt, const void* x, int64_t ld_x, const float* w, int64_t rows, int64_t D, float eps,
-                     void* y, int64_t ld_y, float* rstd, void* stream);
+// maths, one rounding); writes y (row stride ld_y) and r into rstd [rows].
+// One warp per row. y is dt_y: dt, or bf16 with an fp32 dt (for a bf16 matmul
+// that reads it: the same bits as writing fp32 and casting); bf16 dt with fp32
+// y is refused.
+// With a != nullptr, the residual add fused in front (a transformer block's
+// `h = x + a; y = norm(h)`):
+//   h_j = x_j + a_j   (fp32 maths, rounded to dt as ATen's add; written to h, row stride ld_h)
+// and h is the row normalised. a is dt, or bf16 when dt is fp32 (an fp32 stream
+// plus a bf16 sublayer output under autocast); fp32 a with bf16 dt is refused
+// (ATen's add would promote to fp32). a == nullptr: h unused.
+int rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, const void* a, int64_t ld_a, const float* w,
+                     int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, DType dt_y, void* y, int64_t ld_y,
+                     float* rstd, void* stream);
 
-// Its backward from dy (dt, row stride ld_dy) and the forward's rstd:
-//   dx_k = r · w_k · dy_k − (r³ · x_k / D) · Σ_j dy_j · w_j · x_j     (dt, row stride ld_dx)
-// and the weight's gradient Σ_rows dy_j · x_j · r in `partials` partial sums:
-// dw_partial [partials, D] fp32, to be summed over its first dim. Each warp
-// takes a contiguous run of rows and keeps its columns' sums in registers:
-// D ≤ kRmsNormMaxD. partials = rms_norm_backward_partials(rows).
+// Its backward from dy (dt_dy: dt, or bf16 with an fp32 dt; row stride ld_dy),
+// the normalised rows x (h with the add) and the forward's rstd:
+//   dx_k = r · w_k · dy_k − (r³ · x_k / D) · Σ_j dy_j · w_j · x_j  [+ dres_k]   (dt, row stride ld_dx)
+// where dres (dt, row stride ld_dres; nullptr: none) is the gradient reaching h
+// through the residual stream, added before dx's one rounding: dx is then the
+// gradient of both x and a. And the weight's gradient Σ_rows dy_j · x_j · r in
+// `partials` partial sums: dw_partial [partials, D] fp32, to be summed over its
+// first dim. Each warp takes a contiguous run of rows and keeps its columns'
+// sums in registers: D ≤ kRmsNormMaxD. partials = rms_norm_backward_partials(rows).
 constexpr int64_t kRmsNormMaxD = 2048;
 int64_t rms_norm_backward_partials(int64_t rows);
-int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, const void* dy,
-                      int64_t ld_dy, int64_t rows, int64_t D, void* dx, int64_t ld_dx, float* dw_partial,
-                      void* stream);
-
-// The residual add fused in front (a transformer block's `h = x + a; y = norm(h)`):
-//   h_j = x_j + a_j   (fp32 maths, rounded to dt as ATen's add; written to h, row stride ld_h)
-// then the RMSNorm of h as rms_norm_forward (y, rstd). x and h are dt; a is dt,
-// or bf16 when dt is fp32 (an fp32 stream plus a bf16 sublayer output under
-// autocast); fp32 a with bf16 dt is refused (ATen's add would promote to fp32).
-// a == nullptr: no add (h unused), the RMSNorm of x. y is dt_y: dt, or bf16
-// with an fp32 dt (for a bf16 matmul that reads it: the same bits as writing
-// fp32 and casting; bf16 dt with fp32 y is refused).
-int add_rms_norm_forward(DType dt, const void* x, int64_t ld_x, DType dt_a, const void* a, int64_t ld_a,
-                         const float* w, int64_t rows, int64_t D, float eps, void* h, int64_t ld_h, DType dt_y,
-                         void* y, int64_t ld_y, float* rstd, void* stream);
-// Its backward: rms_norm_backward of h with dy of dtype dt_dy (dt, or bf16 with
-// an fp32 dt), plus dres (dt, row stride ld_dres: the gradient reaching h
-// through the residual stream) added to dx before its one rounding. dx is then
-// the gradient of both x and a. dres == nullptr: none.
-int add_rms_norm_backward(DType dt, const void* h, int64_t ld_h, const float* w, const float* rstd, DType dt_dy,
-                          const void* dy, int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D,
-                          void* dx, int64_t ld_dx, float* dw_partial, void* stream);
+int rms_norm_backward(DType dt, const void* x, int64_t ld_x, const float* w, const float* rstd, DType dt_dy,
+                      const void* dy, int64_t ld_dy, const void* dres, int64_t ld_dres, int64_t rows, int64_t D,
+                      void* dx, int64_t ld_dx, float* dw_partial, void* stream);
 
 // The MoE layer's slot order (model/moe_slots.h) as a stable counting sort.
 // Slots s < S carry expert ids ids[s] in [0, E) (int64; 1 ≤ E ≤ kSlotSortMaxE,
