@@ -13,6 +13,7 @@
 
 #include <cstdlib>
 
+#include "core/malloc_policy.h"
 #include "model/fused_ce.h"
 #include "model/moe.h"
 #include "model/torch_compat.h"
@@ -30,9 +31,13 @@ void set_threads() {
 struct Shape {
   int64_t T, D, E, K, H;
 };
-// granular: mini granular (E = 15, k = 3, h_e = 88); switch: mini Switch (E = 8, k = 1, h_e = 352).
-Shape shape_of(int64_t which) { return which == 0 ? Shape{2048, 128, 15, 3, 88} : Shape{2048, 128, 8, 1, 352}; }
-const char* name_of(int64_t which) { return which == 0 ? "granular" : "switch"; }
+// granular: mini granular (E = 15, k = 3, h_e = 88); switch: mini Switch (E = 8, k = 1, h_e = 352);
+// dense: the mini dense MLP as one expert (h = 352, the FLOPs of switch; granular's routed
+// experts are 3/4 of them, its shared expert the other 1/4).
+Shape shape_of(int64_t which) {
+  return which == 0 ? Shape{2048, 128, 15, 3, 88} : which == 1 ? Shape{2048, 128, 8, 1, 352} : Shape{2048, 128, 1, 1, 352};
+}
+const char* name_of(int64_t which) { return which == 0 ? "granular" : which == 1 ? "switch" : "dense"; }
 
 // Routed slots sorted by expert, with a mildly skewed (realistic) load.
 struct Routed {
@@ -119,10 +124,17 @@ void BM_HeadCE(benchmark::State& state, bool fused) {
 
 }  // namespace
 
-BENCHMARK(BM_ExpertsPerExpertMm)->Name("expert_ffn/per_expert_mm")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_ExpertsPerExpertMm)->Name("expert_ffn/per_expert_mm")->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_ExpertsPaddedBmm)->Name("expert_ffn/padded_bmm")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Dispatch)->Name("dispatch")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_HeadCE, unfused, false)->Name("head_ce/unfused")->Arg(0)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_HeadCE, fused, true)->Name("head_ce/fused")->Arg(16)->Arg(32)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  keep_freed_memory();  // as the moecpt binary does (core/malloc_policy.h)
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

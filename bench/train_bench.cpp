@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "core/config.h"
+#include "core/malloc_policy.h"
 #include "model/fused_ce.h"
 #include "model/torch_compat.h"
 #include "model/transformer.h"
@@ -72,6 +73,7 @@ void BM_TrainStep(benchmark::State& state, const std::string& recipe) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  keep_freed_memory();  // as the moecpt binary does (core/malloc_policy.h)
   const int64_t steps = env_int("MOECPT_BENCH_STEPS", 10);
   for (const std::string recipe : {"dense", "switch-aux", "granular-aux", "granular-sinkhorn"}) {
     benchmark::RegisterBenchmark(("train_step/" + recipe).c_str(), BM_TrainStep, recipe)

@@ -34,6 +34,7 @@
 #include "cli/commands.h"
 #include "core/config.h"
 #include "core/error.h"
+#include "core/malloc_policy.h"
 #include "model/rms_norm.h"
 #include "model/weight_casts.h"
 #include "model/flops.h"
@@ -88,6 +89,13 @@ double peak_rss_mib() {
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   return double(ru.ru_maxrss) / 1024.0;  // KiB on Linux
+}
+
+// Minor page faults of this process so far (memory the OS maps in on first touch).
+int64_t minor_page_faults() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return int64_t(ru.ru_minflt);
 }
 
 void sync(const torch::Device& dev) {
@@ -260,16 +268,20 @@ void run_bench_train(const BenchOptions& o) {
   // wall clock; CPU time of this process (all threads); wall clock until step()
   // returns, before the device sync: on a GPU, the host's time to enqueue the
   // step (close to step_s: the host is the limit, or something syncs inside).
-  std::vector<double> step_s, cpu_s, host_s;
+  // Minor page faults per step: memory given back to the OS and faulted in again
+  // (core/malloc_policy.h keeps it in the process; ~0 once warm).
+  std::vector<double> step_s, cpu_s, host_s, faults;
   const auto t_all = std::chrono::steady_clock::now();
   for (int64_t i = 0; i < o.steps; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     const std::clock_t c0 = std::clock();
+    const int64_t f0 = minor_page_faults();
     step();
     host_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     sync(dev);
     step_s.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     cpu_s.push_back(double(std::clock() - c0) / CLOCKS_PER_SEC);
+    faults.push_back(double(minor_page_faults() - f0));
   }
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_all).count();
   // --profile N: one more step, untimed, under the op profiler (its own
@@ -346,6 +358,7 @@ void run_bench_train(const BenchOptions& o) {
                                   : grouped_calls              ? "grouped"
                                                                : "loop";
   const double gpu_mib = dev.is_cuda() ? gpu_memory_used_mib() : -1.0;
+  const bool kept_freed_memory = keeping_freed_memory();
 
   const double tokens_per_step = double(accum * B * T);
   const double med_s = median(step_s);
@@ -431,6 +444,7 @@ void run_bench_train(const BenchOptions& o) {
       {"tflops_without_optimizer", tflops_wo_opt},
       {"mfu_without_optimizer", peak > 0 ? nlohmann::json(mfu_wo_opt) : nlohmann::json(nullptr)},
       {"peak_rss_mib", peak_rss_mib()},
+      {"page_faults_per_step", {{"median", median(faults)}, {"keep_freed_memory", kept_freed_memory}}},
       {"gpu_memory_used_mib", gpu_mib >= 0 ? nlohmann::json(gpu_mib) : nlohmann::json(nullptr)},
       {"expert_gemm", {{"mode", model::expert_gemm_name(model::expert_gemm_mode())},
                        {"path", expert_path},
@@ -527,7 +541,9 @@ void run_bench_train(const BenchOptions& o) {
     std::printf("  expert GEMM: %s (mode %s; LibTorch %s)\n", expert_path.c_str(),
                 model::expert_gemm_name(model::expert_gemm_mode()), TORCH_VERSION);
   if (gpu_mib >= 0) std::printf("  GPU memory in use after the steps: %.0f MiB\n", gpu_mib);
-  std::printf("  peak RSS: %.0f MiB; final loss %.4f\n", peak_rss_mib(), final_loss);
+  std::printf("  peak RSS: %.0f MiB; %.0f minor page faults per step (freed memory %s); final loss %.4f\n",
+              peak_rss_mib(), median(faults), kept_freed_memory ? "kept" : "glibc's default",
+              final_loss);
   if (o.profile > 0) {
     if (profiled_device_us > 0)
       std::printf("  profile of one extra step (%.1f ms with the profiler on, %.1f ms of it on the GPU; self%% of "

@@ -8,6 +8,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/malloc_policy.h"
 
 #include <unistd.h>
 
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   moecpt::cli::register_analyze_commands(app);
   moecpt::cli::register_eval_commands(app);
   try {
+    moecpt::keep_freed_memory();  // a step's buffers stay in the process (core/malloc_policy.h)
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
