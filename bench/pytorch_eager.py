@@ -248,12 +248,14 @@ def main():
         step()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, cpu = [], []
+    times, cpu, faults = [], [], []
     for _ in range(args.steps):
         start, cpu_start = time.perf_counter(), time.process_time()
+        faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss = step()
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start)
     elapsed = sum(times)
     med = statistics.median(times)
     print(json.dumps({
@@ -265,6 +267,7 @@ def main():
         "step_ms": 1000 * med, "step_ms_mean": 1000 * elapsed / args.steps,
         "cpu_ms_per_step": 1000 * statistics.median(cpu), "tokens_per_s": B * T / med,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": loss,
+        "page_faults_per_step": statistics.median(faults),
         "gpu_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }))
 

@@ -7,6 +7,11 @@
 #   eager          bench/pytorch_eager.py as a user runs it (OpenBLAS default threads)
 #   eager_blas1    the same script with OPENBLAS_NUM_THREADS=1 (moecpt's thread setting)
 #   moecpt_unfused (only if listed in IMPLS) moecpt with the unfused head, as an ablation
+#   moecpt_glibc_malloc (only if listed) moecpt with MOECPT_KEEP_FREED_MEMORY=0: glibc's
+#                  default of giving freed memory back to the OS (core/malloc_policy.h)
+#   eager_keep_memory  the eager script with moecpt's malloc settings as GLIBC_TUNABLES
+#                  (freed memory kept in the process), so the comparison is of the
+#                  code, not of the allocator
 # Rounds interleave the implementations, so load changes on this shared machine
 # hit all of them; the summary takes medians over rounds and reports min–max.
 # Writes bench/results/<date>-cpu[-bf16].json and prints the table.
@@ -15,7 +20,7 @@
 # Environment: MOECPT_BIN (default <build-dir>/moecpt), ROUNDS (3), STEPS (8 timed steps), THREADS (all cores), BATCH (recipe's),
 #              DTYPE (float32 | bfloat16: autocast on both sides, router fp32),
 #              MODELS (default: dense switch-aux granular-aux granular-sinkhorn),
-#              IMPLS (default: moecpt eager eager_blas1).
+#              IMPLS (default: moecpt eager eager_blas1 eager_keep_memory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${1:-build}
@@ -26,7 +31,9 @@ THREADS=${THREADS:-$(nproc)}
 BATCH=${BATCH:-0}
 DTYPE=${DTYPE:-float32}
 read -r -a MODELS <<<"${MODELS:-dense switch-aux granular-aux granular-sinkhorn}"
-read -r -a IMPLS <<<"${IMPLS:-moecpt eager eager_blas1}"
+read -r -a IMPLS <<<"${IMPLS:-moecpt eager eager_blas1 eager_keep_memory}"
+# moecpt's malloc settings (core/malloc_policy.h) for the eager script
+KEEP_MEMORY_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824
 export OMP_WAIT_POLICY=PASSIVE  # busy-waiting OpenMP made steps 2.4x slower on 2 cores
 [ -x "$BIN" ] || { echo "error: $BIN not built" >&2; exit 1; }
 EAGER_FLAGS=(--threads "$THREADS" --steps "$STEPS" --batch "$BATCH")
@@ -34,7 +41,7 @@ EAGER_FLAGS=(--threads "$THREADS" --steps "$STEPS" --batch "$BATCH")
 BATCH_FLAG=(); [ "$BATCH" -gt 0 ] && BATCH_FLAG=(--batch "$BATCH")
 
 # `moecpt bench train --json` → one row of the raw table
-TO_ROW='import json,sys; b=json.load(sys.stdin); print(json.dumps({"impl":sys.argv[1],"model":sys.argv[2],"round":int(sys.argv[3]),"step_ms":b["step_ms"]["median"],"cpu_ms_per_step":b["cpu_ms_per_step"]["median"],"tokens_per_s":b["tokens_per_s"],"peak_rss_mib":b["peak_rss_mib"],"threads":b["threads"],"batch_tokens":b["tokens_per_step"],"loss":b["final_loss"],"dtype":b["dtype"]}))'
+TO_ROW='import json,sys; b=json.load(sys.stdin); print(json.dumps({"impl":sys.argv[1],"model":sys.argv[2],"round":int(sys.argv[3]),"step_ms":b["step_ms"]["median"],"cpu_ms_per_step":b["cpu_ms_per_step"]["median"],"tokens_per_s":b["tokens_per_s"],"peak_rss_mib":b["peak_rss_mib"],"page_faults_per_step":b["page_faults_per_step"]["median"],"threads":b["threads"],"batch_tokens":b["tokens_per_step"],"loss":b["final_loss"],"dtype":b["dtype"]}))'
 mkdir -p bench/results
 RAW=$(mktemp)
 trap 'rm -f "$RAW"' EXIT
@@ -51,6 +58,13 @@ for round in $(seq 1 "$ROUNDS"); do
           OPENBLAS_NUM_THREADS=1 "$BIN" bench train --config "recipes/mini/$model.toml" --steps "$STEPS" \
               --threads "$THREADS" --dtype "$DTYPE" "${BATCH_FLAG[@]}" --peak-tflops 1 --unfused-head --json \
             | /usr/bin/python3 -c "$TO_ROW" moecpt_unfused "$model" "$round" >>"$RAW" ;;
+        moecpt_glibc_malloc)  # ablation: freed memory back to the OS, as glibc does by default
+          MOECPT_KEEP_FREED_MEMORY=0 OPENBLAS_NUM_THREADS=1 "$BIN" bench train --config "recipes/mini/$model.toml" --steps "$STEPS" \
+              --threads "$THREADS" --dtype "$DTYPE" "${BATCH_FLAG[@]}" --peak-tflops 1 --json \
+            | /usr/bin/python3 -c "$TO_ROW" moecpt_glibc_malloc "$model" "$round" >>"$RAW" ;;
+        eager_keep_memory)
+          GLIBC_TUNABLES=$KEEP_MEMORY_TUNABLES env -u OPENBLAS_NUM_THREADS /usr/bin/python3 bench/pytorch_eager.py "$model" "${EAGER_FLAGS[@]}" \
+            | /usr/bin/python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["round"]=int(sys.argv[1]); r["impl"]="eager_keep_memory"; print(json.dumps(r))' "$round" >>"$RAW" ;;
         eager)
           env -u OPENBLAS_NUM_THREADS /usr/bin/python3 bench/pytorch_eager.py "$model" "${EAGER_FLAGS[@]}" \
             | /usr/bin/python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); r["round"]=int(sys.argv[1]); print(json.dumps(r))' "$round" >>"$RAW" ;;
@@ -74,14 +88,16 @@ for r in runs:
         r["impl"] = "eager"
 order = ["dense", "switch-aux", "granular-aux", "granular-sinkhorn"]
 models = sorted({r["model"] for r in runs}, key=lambda m: order.index(m) if m in order else 99)
-impls = [i for i in ("moecpt", "moecpt_unfused", "eager", "eager_blas1") if any(r["impl"] == i for r in runs)]
+impls = [i for i in ("moecpt", "moecpt_unfused", "moecpt_glibc_malloc", "eager", "eager_blas1", "eager_keep_memory")
+         if any(r["impl"] == i for r in runs)]
 def vals(impl, model, key):
     return [r[key] for r in runs if r["impl"] == impl and r["model"] == model]
 summary = {}
 for m in models:
     summary[m] = {}
     for i in impls:
-        summary[m][i] = {k: statistics.median(vals(i, m, k)) for k in ("tokens_per_s", "step_ms", "cpu_ms_per_step", "peak_rss_mib")}
+        summary[m][i] = {k: statistics.median(vals(i, m, k))
+                         for k in ("tokens_per_s", "step_ms", "cpu_ms_per_step", "peak_rss_mib", "page_faults_per_step")}
         summary[m][i]["cpu_ms_min"] = min(vals(i, m, "cpu_ms_per_step"))
         summary[m][i]["cpu_ms_max"] = max(vals(i, m, "cpu_ms_per_step"))
         summary[m][i]["step_ms_min"] = min(vals(i, m, "step_ms"))
@@ -103,7 +119,7 @@ machine = {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "t
 json.dump({"machine": machine, "summary": summary, "runs": runs}, open(out, "w"), indent=2)
 print(f"machine: {cpu}, {machine['cores']} cores, {machine['threads']} threads, batch {machine['batch_tokens']} tokens, "
       f"{dtype}, load average at end {' '.join(machine['loadavg_at_end'])}")
-print("wall ms/step median [min-max over rounds], tok/s, CPU ms/step median [min-max], peak RSS; "
+print("wall ms/step median [min-max over rounds], tok/s, CPU ms/step median [min-max], peak RSS, minor page faults/step; "
       "x = moecpt speed-up over that implementation (wall tok/s; CPU time)")
 for m in models:
     s = summary[m]
@@ -115,7 +131,7 @@ for m in models:
         dense = f" /dense {a['step_over_dense']:.2f}; {a['cpu_over_dense']:.2f}" if "step_over_dense" in a else ""
         cells.append(f"{i}: {a['step_ms']:.0f} [{a['step_ms_min']:.0f}-{a['step_ms_max']:.0f}] ms {a['tokens_per_s']:.0f} tok/s"
                      f" cpu {a['cpu_ms_per_step']:.0f} [{a['cpu_ms_min']:.0f}-{a['cpu_ms_max']:.0f}] ms"
-                     f" {a['peak_rss_mib']:.0f} MiB{dense}{ratio}")
+                     f" {a['peak_rss_mib']:.0f} MiB {a['page_faults_per_step']:.0f} faults{dense}{ratio}")
     print(f"{m}:\n  " + "\n  ".join(cells))
 print(f"wrote {out}")
 PY

@@ -80,9 +80,10 @@ TEST(GatedActivation, GradientsMatchFiniteDifferences) {
 }
 
 // fp32 at the mini and paper models' expert widths (h_e = 88, 352, 704), where
-// ATen's vectorised CPU kernels run: against the fp64 composite. LibTorch 1.13's
-// gelu_backward writes a strided out as if contiguous; an out= into dh13's
-// column slice gave errors of order 1 here.
+// ATen's vectorised CPU kernels run: against the fp64 composite. It guards the
+// CPU path's layouts: LibTorch 1.13's gelu_backward writes a strided out as if it
+// were contiguous when its inputs are contiguous, and an out= into dh13's column
+// slice from a contiguous copy of h1 gave errors of order 1 here.
 TEST(GatedActivation, Fp32AtModelWidthsMatchesAnFp64Reference) {
   torch::manual_seed(6);
   for (const int64_t H : {88, 352, 704})

@@ -99,20 +99,12 @@ void run_plan(const Plan& p, const std::function<void(const Item&, int64_t)>& fn
 // a = act(h1) ⊙ h3, into `a` (h13 = [h1 | h3] along dim 1).
 // On CUDA in fp32/bf16 one kernel (model/cuda_kernels.h) reads h13 once and
 // writes a once; ATen's ops take two passes and an act(h1) temporary.
-//
-// ATen's GeLU (LibTorch 1.13, CPU) takes its vectorised path only for a
-// contiguous input; on h1, a column slice of h13, it ran 8–10x slower (3.1 vs
-// 0.31 ms for [2048, 352] fp32 on the dev VM; 6x for gelu_backward). So h1 is
-// copied out first (0.08 ms). SiLU runs at the same speed either way; CUDA
-// takes the slice as it is.
-torch::Tensor act_input(const torch::Tensor& h13, int64_t H, GatedActivation act) {
-  auto h1 = h13.narrow(1, 0, H);
-  return act == GatedActivation::kGelu && h13.is_cpu() ? h1.contiguous() : h1;
-}
-
+// On the CPU, LibTorch 1.13's GeLU is ~10x slower on this column slice than on
+// contiguous rows (scalar erf), but a contiguous copy made a MoE step's heap
+// grow without bound (docs/performance.md, session 14), so the slice stays.
 void gated_forward(const torch::Tensor& h13, int64_t H, GatedActivation act, torch::Tensor& a) {
   if (use_cuda_kernels(h13)) return cuda_gated_forward(h13, H, act, a);
-  auto h1 = act_input(h13, H, act), h3 = h13.narrow(1, H, H);
+  auto h1 = h13.narrow(1, 0, H), h3 = h13.narrow(1, H, H);
   at::mul_out(a, act == GatedActivation::kGelu ? at::gelu(h1) : at::silu(h1), h3);
 }
 
@@ -122,15 +114,12 @@ void gated_backward(const torch::Tensor& h13, const torch::Tensor& da, int64_t H
   // CUDA kernel: reads h13 and da once, writes dh13 once (ATen: recomputes
   // act(h1), then three more passes and a da ⊙ h3 temporary).
   if (use_cuda_kernels(h13)) return cuda_gated_backward(h13, da, H, act, dh13);
-  auto h1 = act_input(h13, H, act), h3 = h13.narrow(1, H, H);
+  auto h1 = h13.narrow(1, 0, H), h3 = h13.narrow(1, H, H);
   auto dh1 = dh13.narrow(1, 0, H), dh3 = dh13.narrow(1, H, H);
   at::mul_out(dh3, da, act == GatedActivation::kGelu ? at::gelu(h1) : at::silu(h1));
   auto dg = da * h3;
-  // Not gelu_backward_out(dh1, dg, h1): LibTorch 1.13's CPU kernel writes a
-  // strided out (dh1 is a column slice of dh13) as if it were contiguous when
-  // its inputs are (wrong gradients; ModelMoELimits.* caught it).
   if (act == GatedActivation::kGelu)
-    dh1.copy_(at::gelu_backward(dg, h1));
+    at::gelu_backward_out(dh1, dg, h1);
   else
     at::silu_backward_out(dh1, dg, h1);
 }
