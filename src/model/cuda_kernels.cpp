@@ -252,16 +252,27 @@ bool rms_norm_dtype_pairs(torch::ScalarType t, torch::ScalarType x) {
 }
 
 void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
-                           const torch::Tensor& rstd_N) {
-  check_rms_norm_args(x_ND, w_D, rstd_N, "cuda_rms_norm_forward");
+                           const torch::Tensor& rstd_N, const torch::Tensor& a_ND, const torch::Tensor& h_ND) {
+  const char* what = "cuda_rms_norm_forward";
+  check_rms_norm_args(x_ND, w_D, rstd_N, what);
+  const int64_t N = x_ND.size(0), D = x_ND.size(1);
   check_norm_io(x_ND, y_ND, "cuda_rms_norm_forward (y)");
-  check_rows(y_ND, x_ND.size(0), x_ND.size(1), "cuda_rms_norm_forward (y)");
+  check_rows(y_ND, N, D, "cuda_rms_norm_forward (y)");
+  const bool add = a_ND.defined();
+  if (add != h_ND.defined()) throw Error(std::string(what) + ": the addend a and the sum h come together");
+  if (add) {
+    check_norm_io(x_ND, a_ND, "cuda_rms_norm_forward (a)");
+    check_rows(a_ND, N, D, "cuda_rms_norm_forward (a)");
+    check_same(x_ND, h_ND, what);
+    check_rows(h_ND, N, D, "cuda_rms_norm_forward (h)");
+  }
 #ifdef MOECPT_CUDA_KERNELS
   const auto dt = dtype_of(x_ND);
-  check_launch(cuda::rms_norm_forward(dt, x_ND.data_ptr(), x_ND.stride(0), dt, nullptr, 0, w_D.data_ptr<float>(),
-                                          x_ND.size(0), x_ND.size(1), float(eps), nullptr, 0, dtype_of(y_ND),
-                                          y_ND.data_ptr(), y_ND.stride(0), rstd_N.data_ptr<float>(),
-                                          current_stream(x_ND)),
+  check_launch(cuda::rms_norm_forward(dt, x_ND.data_ptr(), x_ND.stride(0), add ? dtype_of(a_ND) : dt,
+                                      add ? a_ND.data_ptr() : nullptr, add ? a_ND.stride(0) : 0,
+                                      w_D.data_ptr<float>(), N, D, float(eps), add ? h_ND.data_ptr() : nullptr,
+                                      add ? h_ND.stride(0) : 0, dtype_of(y_ND), y_ND.data_ptr(), y_ND.stride(0),
+                                      rstd_N.data_ptr<float>(), current_stream(x_ND)),
                "rms_norm_forward");
 #else
   (void)eps;
@@ -294,31 +305,6 @@ torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Ten
   return partial.sum(0);
 #else
   (void)N, (void)D, (void)add;
-  not_built();
-#endif
-}
-
-void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a_ND, const torch::Tensor& w_D,
-                               double eps, const torch::Tensor& h_ND, const torch::Tensor& y_ND,
-                               const torch::Tensor& rstd_N) {
-  const char* what = "cuda_add_rms_norm_forward";
-  check_rms_norm_args(x_ND, w_D, rstd_N, what);
-  const int64_t N = x_ND.size(0), D = x_ND.size(1);
-  check_norm_io(x_ND, a_ND, "cuda_add_rms_norm_forward (a)");
-  check_rows(a_ND, N, D, "cuda_add_rms_norm_forward (a)");
-  check_same(x_ND, h_ND, what);
-  check_norm_io(x_ND, y_ND, "cuda_add_rms_norm_forward (y)");
-  check_rows(h_ND, N, D, "cuda_add_rms_norm_forward (h)");
-  check_rows(y_ND, N, D, "cuda_add_rms_norm_forward (y)");
-#ifdef MOECPT_CUDA_KERNELS
-  check_launch(cuda::rms_norm_forward(dtype_of(x_ND), x_ND.data_ptr(), x_ND.stride(0), dtype_of(a_ND),
-                                          a_ND.data_ptr(), a_ND.stride(0), w_D.data_ptr<float>(), N, D, float(eps),
-                                          h_ND.data_ptr(), h_ND.stride(0), dtype_of(y_ND), y_ND.data_ptr(),
-                                          y_ND.stride(0),
-                                          rstd_N.data_ptr<float>(), current_stream(x_ND)),
-               "add_rms_norm_forward");
-#else
-  (void)eps;
   not_built();
 #endif
 }

@@ -49,25 +49,22 @@ void cuda_combine_backward(const torch::Tensor& g_TD, const torch::Tensor& y_SD,
 // RMSNorm of rows (model/rms_norm.h): x_ND fp32/bf16 CUDA [rows, D] with
 // contiguous rows, w fp32 [D] (D ≤ cuda_rms_norm_max_width()); writes y_ND
 // (x's shape, in a dtype that pairs with x's, below) and rstd_N fp32 [rows]
-// (1 / sqrt(mean x² + eps)).
+// (1 / sqrt(mean x² + eps)). With a_ND and h_ND defined, the residual add in
+// front: h_ND = x_ND + a_ND (a's dtype pairs with x's; h in x's dtype and
+// shape), and y is the RMSNorm of h.
 int64_t cuda_rms_norm_max_width();
 // Whether dtype t pairs with x's dtype in the RMSNorm kernels (y, dy, the
 // residual addend a): x's own, or bf16 beside an fp32 x.
 bool rms_norm_dtype_pairs(torch::ScalarType t, torch::ScalarType x);
 void cuda_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& w_D, double eps, const torch::Tensor& y_ND,
-                           const torch::Tensor& rstd_N);
+                           const torch::Tensor& rstd_N, const torch::Tensor& a_ND = {},
+                           const torch::Tensor& h_ND = {});
 // Its backward from dy_ND (y's dtype): writes dx_ND (x's dtype), returns dw
 // fp32 [D]. With dres_ND (x's dtype and shape) defined, dx_ND = that backward
-// + dres_ND (the residual stream's gradient of the fused add below).
+// + dres_ND (the residual stream's gradient of the fused add: x here is h).
 torch::Tensor cuda_rms_norm_backward(const torch::Tensor& x_ND, const torch::Tensor& w_D, const torch::Tensor& rstd_N,
                                      const torch::Tensor& dy_ND, const torch::Tensor& dx_ND,
                                      const torch::Tensor& dres_ND = {});
-// The residual add in front: h_ND = x_ND + a_ND (a's dtype pairs with x's),
-// then the RMSNorm of h as cuda_rms_norm_forward; writes h_ND (x's dtype and
-// shape), y_ND and rstd_N.
-void cuda_add_rms_norm_forward(const torch::Tensor& x_ND, const torch::Tensor& a_ND, const torch::Tensor& w_D,
-                               double eps, const torch::Tensor& h_ND, const torch::Tensor& y_ND,
-                               const torch::Tensor& rstd_N);
 
 // The MoE slot order (model/moe_slots.h) as moecpt's stable counting sort:
 // ids_S int64 CUDA [S] (contiguous) with values in [0, E), 1 ≤ E ≤

@@ -59,7 +59,7 @@ class AddRmsNormCuda : public torch::autograd::Function<AddRmsNormCuda> {
     auto h_ND = torch::empty(x_ND.sizes(), x_ND.options());
     auto y_ND = torch::empty(x_ND.sizes(), x_ND.options().dtype(y_dtype));
     auto rstd_N = torch::empty({x_ND.size(0)}, x_ND.options().dtype(torch::kFloat32));
-    cuda_add_rms_norm_forward(x_ND, a_ND, w, eps, h_ND, y_ND, rstd_N);
+    cuda_rms_norm_forward(x_ND, w, eps, y_ND, rstd_N, a_ND, h_ND);
     auto h = h_ND.view(x.sizes());
     ctx->save_for_backward({h_ND, w, rstd_N});
     return {h, y_ND.view(x.sizes())};
